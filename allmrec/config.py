@@ -1,0 +1,339 @@
+"""One typed, validated configuration for every job.
+
+Layering (RecBole-style): dataclass defaults < YAML file(s) (a file may name a `base:` file it
+extends) < command-line overrides `section.key=value`. Unknown keys and badly typed values are
+errors that name the key, never silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DomainConfig:
+    """Words of the paper's prompt for this dataset ('watched'/'movie', 'bought'/'item')."""
+    verb: str = "bought"
+    noun: str = "item"
+    plural: str = "items"
+
+
+@dataclass
+class DataConfig:
+    # reader: amazon2018 | amazon2023 | seq_json (amazon-scientific) | seq_txt (amazon-sports) | recbole
+    format: str = "recbole"
+    # file or folder (reader-specific); "packaged:ml-100k" = the ML-100K files shipped in the recbole wheel
+    path: str = "packaged:ml-100k"
+    category: str = ""  # Amazon category name for raw dumps, e.g. "Video_Games"
+    rating_threshold: float | None = None  # keep ratings > threshold (paper: > 3) when set
+    k_core: int = 5
+    n_negatives: int = 19
+    max_text_chars: int = 512
+    max_title_chars: int = 120
+    warm_fraction: float = 0.35
+    cold_fraction: float = 0.35
+    # cold users: "auto" (exactly-3-interaction users if any exist, else a seeded holdout),
+    # "exact3", "holdout", or "none"
+    cold_users: str = "auto"
+    cold_user_fraction: float = 0.10
+    fewshot_k: list[int] = field(default_factory=lambda: [128, 256])
+    domain: DomainConfig = field(default_factory=DomainConfig)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start a local cluster
+    # logical CPUs for a local cluster; oversubscribed on purpose (see docs: actor pools + read tasks)
+    num_cpus: int | None = None
+    object_store_memory_gb: float | None = None
+    progress: bool = True
+
+
+@dataclass
+class EncodeConfig:
+    model: str = "packaged:all-MiniLM-L6-v2"  # or any sentence-transformers name/path
+    batch_size: int = 64
+    num_actors: int = 2
+    use_gpu: bool = False
+    max_seq_length: int = 128
+
+
+@dataclass
+class CFConfig:
+    model: str = "sasrec"  # sasrec | gru4rec | nextitnet | ncf
+    hidden: int = 50
+    max_len: int = 50
+    num_blocks: int = 2
+    num_heads: int = 1
+    dropout: float = 0.2
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    epochs: int = 200
+    patience: int = 10  # epochs without valid NDCG@10 improvement
+    eval_every: int = 1
+    num_workers: int = 1
+    use_gpu: bool = False
+    max_failures: int = 2
+
+
+@dataclass
+class Stage1Config:
+    alpha: float = 0.5  # item reconstruction weight
+    beta: float = 0.5  # text reconstruction weight
+    latent: int = 128  # d'
+    lr: float = 1e-4
+    batch_size: int = 32
+    epochs: int = 10
+    all_items: bool = False  # "all items" variant: every position of the sequence
+    sbert_trainable_layers: int = -1  # -1: fine-tune all of SBERT; 0: frozen; N: top N layers
+    use_matching: bool = True
+    use_recon: bool = True
+    use_rec: bool = True
+    max_users: int | None = None  # seeded subset of users (CPU runs)
+    num_workers: int = 1
+    use_gpu: bool = False
+    zero_stage: int = 0
+    deepspeed_config: str = "configs/deepspeed/zero0.json"
+
+
+@dataclass
+class Stage2Config:
+    llm: str = "packaged:SmolLM2-135M-Instruct"  # or any HF causal LM name/path
+    lr: float = 1e-4
+    batch_size: int = 4
+    epochs: int = 5
+    history_len: int = 10
+    max_title_tokens: int = 16
+    use_user_token: bool = True
+    item_tokens: str = "joint"  # joint | sbert | random | none | mlp (MLP-LLM: raw CF embeddings)
+    max_users: int | None = None
+    num_workers: int = 1
+    use_gpu: bool = False
+    zero_stage: int = 3
+    deepspeed_config: str = "configs/deepspeed/zero3.json"
+    bf16: bool = False  # True on GPU
+
+
+@dataclass
+class EvalConfig:
+    variants: list[str] = field(default_factory=lambda: ["sasrec", "llm_only", "allmrec"])
+    mode: str = "rank"  # rank | generate | both
+    length_norm: bool = True
+    max_users: int | None = None
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    num_actors: int = 1
+    use_gpu: bool = False
+
+
+@dataclass
+class ScoreConfig:
+    top_k: int = 10
+    pool: str = "cf_topn"  # all | cf_topn
+    pool_size: int = 20
+    batch_size: int = 64
+    num_actors: int = 1
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_history: int = 200
+    max_candidates: int = 100
+    min_replicas: int = 1
+    max_replicas: int = 2
+
+
+@dataclass
+class Config:
+    name: str = "ml100k"
+    run_dir: str = "runs/ml100k"
+    seed: int = 42
+    torch_threads: int | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    cf: CFConfig = field(default_factory=CFConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def validate(self) -> "Config":
+        def check(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        d = self.data
+        check(d.format in {"amazon2018", "amazon2023", "seq_json", "seq_txt", "recbole"},
+              f"data.format={d.format!r}: expected amazon2018|amazon2023|seq_json|seq_txt|recbole")
+        check(d.k_core >= 1, "data.k_core must be >= 1")
+        check(d.n_negatives >= 1, "data.n_negatives must be >= 1")
+        check(0 < d.warm_fraction < 1 and 0 < d.cold_fraction < 1
+              and d.warm_fraction + d.cold_fraction <= 1, "data.warm_fraction + cold_fraction must be in (0, 1]")
+        check(d.cold_users in {"auto", "exact3", "holdout", "none"},
+              "data.cold_users must be auto|exact3|holdout|none")
+        check(0 <= d.cold_user_fraction < 1, "data.cold_user_fraction must be in [0, 1)")
+        check(all(k > 0 for k in d.fewshot_k), "data.fewshot_k must be positive")
+        check(self.cf.hidden > 0 and self.cf.max_len > 1, "cf.hidden > 0 and cf.max_len > 1")
+        check(0 <= self.cf.dropout < 1, "cf.dropout must be in [0, 1)")
+        check(self.stage2.item_tokens in {"joint", "sbert", "random", "none", "mlp"},
+              "stage2.item_tokens must be joint|sbert|random|none|mlp")
+        check(self.eval.mode in {"rank", "generate", "both"}, "eval.mode must be rank|generate|both")
+        check(self.score.pool in {"all", "cf_topn"}, "score.pool must be all|cf_topn")
+        for sect in ("cf", "stage1", "stage2"):
+            check(getattr(self, sect).num_workers >= 1, f"{sect}.num_workers must be >= 1")
+        check(self.stage1.zero_stage in {0, 1, 2, 3} and self.stage2.zero_stage in {0, 1, 2, 3},
+              "zero_stage must be 0..3")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of some sections (what a step depends on), for skip-if-unchanged."""
+        import hashlib
+        d = self.to_dict()
+        sub = {s: d[s] for s in sections} if sections else d
+        return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the declared field type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in {"none", "null"}):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: cannot read {value!r} as {tp}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "1", "yes", "on", "false", "0", "no", "off"}:
+            return value.lower() in {"true", "1", "yes", "on"}
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {v!r}")
+            _merge(cur, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def _read_yaml(path: Path, seen: set[Path]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config 'base:' cycle at {path}")
+    seen.add(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    merged = _read_yaml((path.parent / base), seen)
+    return _deep_update(merged, data)
+
+
+def _deep_update(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if path is not None:
+        _merge(cfg, _read_yaml(Path(path), set()))
+    for ov in overrides or []:
+        keys, value = parse_override(ov)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _merge(cfg, nested)
+    return cfg.validate()
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    cfg = Config()
+    _merge(cfg, d)
+    return cfg.validate()

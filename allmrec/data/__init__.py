@@ -1,0 +1,1 @@
+"""Data: raw readers, text cleaning, sequence building, splits and seeded candidates (no Ray)."""
