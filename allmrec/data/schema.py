@@ -15,6 +15,8 @@ Files under `<run>/data/` (parquet):
 - cold_users.parquet user:int32, history:list<int32>, target:int32, negatives:list<int32>
                      (held out of every training file)
 - fewshot.parquet    k:int32, user:int32 (seeded subsets of regular users)
+Parquet "files" written by Ray are folders of part files; read them with pyarrow.parquet.read_table
+(or allmrec.data.load). Rows are not ordered: sort by user/item after reading.
 - manifest.json      inputs (path, size, sha256), config, counts, dropped rows by reason, timings
 """
 PAD = 0
@@ -27,4 +29,4 @@ CAND_TEST = "candidates_test.parquet"
 COLD_USERS = "cold_users.parquet"
 FEWSHOT = "fewshot.parquet"
 MANIFEST = "manifest.json"
-TEXT_EMB = "text_emb.parquet"  # item:int32, emb:list<float32>  (in <run>/, written by encode)
+TEXT_EMB = "text_emb.parquet"  # item:int32, emb:list<float32>  (in <run>/encode/, written by encode)
