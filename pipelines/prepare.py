@@ -132,7 +132,7 @@ def prepare(cfg: Config, force: bool = False) -> Path:
     n_valid = n_rows - sum(errors.values())
 
     with timer("sequences"):
-        n_blocks = max(2, min(64, n_valid // 200_000 + 2))
+        n_blocks = _num_blocks(n_valid)
         users_ds = (kept.repartition(n_blocks, keys=["user"])
                     .map_batches(group_user_sequences, batch_size=None, batch_format="pyarrow")
                     .materialize())
@@ -174,6 +174,9 @@ def prepare(cfg: Config, force: bool = False) -> Path:
     n_items = len(item_vocab)
     if n_items == 0:
         raise ValueError(f"no item survives the {k}-core of {inputs.interactions}: lower data.k_core")
+    if n_items < d.n_negatives + min_len:
+        raise ValueError(f"only {n_items} items after the k-core: too few to draw {d.n_negatives} negatives "
+                         "per user (lower data.n_negatives or data.k_core)")
 
     with timer("ids_and_candidates"):
         reg_users = sorted(users_ds.select_columns(["user"]).to_pandas()["user"].tolist())
@@ -265,6 +268,11 @@ def prepare(cfg: Config, force: bool = False) -> Path:
         cfg.dump(tmp / "config.yaml")
         (tmp / schema.MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out_dir
+
+
+def _num_blocks(n_rows: int) -> int:
+    """Hash partitions for the per-user grouping: ~200k interactions each, at least 2."""
+    return max(2, min(64, n_rows // 200_000 + 2))
 
 
 def _keep_known_items(block: pa.Table, vocab: pa.Array) -> pa.Table:
