@@ -34,8 +34,9 @@ def init_ray(cfg: Config):
     # DeepSpeed JIT-compiles a CPU comm op once: keep it in a persistent cache, not /tmp
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
     kwargs: dict = {"ignore_reinit_error": True, "include_dashboard": False, "log_to_driver": True}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, **kwargs)
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")  # set under `ray job submit`
+    if address:
+        ray.init(address=address, **kwargs)
     else:
         num_cpus = cfg.ray.num_cpus or 2 * (os.cpu_count() or 1)
         if cfg.ray.object_store_memory_gb:
