@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.job == "encode":
             from pipelines import encode
             print(encode.summary(encode.encode(cfg, force=args.force)))
+        elif args.job == "run":
+            from pipelines import run
+            run.run(cfg, force=args.force)
+        elif args.job == "train-cf":
+            from pipelines import train_cf
+            print(train_cf.summary(train_cf.train_cf(cfg, force=args.force)))
         else:
             print(f"allmrec: the {args.job} job is not available in this version", file=sys.stderr)
             return 2
