@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.job == "run":
             from pipelines import run
             run.run(cfg, force=args.force)
+        elif args.job == "stage1":
+            from pipelines import stage1
+            print(stage1.summary(stage1.stage1(cfg, force=args.force)))
         elif args.job == "train-cf":
             from pipelines import train_cf
             print(train_cf.summary(train_cf.train_cf(cfg, force=args.force)))

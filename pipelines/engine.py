@@ -87,14 +87,15 @@ def restore(engine) -> dict[str, Any] | None:
 
 
 def trainable_state(engine, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Full (gathered) copies of the trainable parameters whose names start with `prefixes`.
+    """Full (gathered) copies of the trainable parameters whose names start with `prefixes` (frozen
+    ones are left out: they are rebuilt from the base model when loading).
 
     Under ZeRO-3 every rank holds only a slice of each parameter; `GatheredParameters` rebuilds them.
     Called on every rank (the gather is collective); the caller writes the result on rank 0.
     """
     import deepspeed
     module = engine.module
-    named = [(n, p) for n, p in module.named_parameters() if n.startswith(prefixes)]
+    named = [(n, p) for n, p in module.named_parameters() if n.startswith(prefixes) and p.requires_grad]
     out: dict[str, torch.Tensor] = {}
     with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
         for n, p in named:

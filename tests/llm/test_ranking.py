@@ -1,0 +1,137 @@
+"""Candidate ranking over a shared KV cache, greedy generation, and exact title matching."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from allmrec.config import DomainConfig
+from allmrec.llm.prompt import IGNORE, PromptBuilder, positions_from_mask
+from allmrec.llm.ranking import generate_title, generate_titles, match_candidate, rank_candidates
+from allmrec.llm.stage2 import soft_prompt_embeds
+
+MOVIES = DomainConfig("watched", "movie", "movies")
+CANDS = ["Heat (1995)", "Casino (1995)", "Pulp Fiction (1994)", "Alien (1979)", "Jaws (1975)", "Brazil (1985)"]
+
+
+def _prompts(pb: PromptBuilder, llm, histories, cands):
+    batch = pb.collate([pb.build(h, c) for h, c in zip(histories, cands)])
+    return soft_prompt_embeds(llm, None, batch["input_ids"], pb.placeholders), batch["attention_mask"]
+
+
+def _no_cache_score(llm, embeds, mask, cand_ids, length_norm):
+    """Reference: one full forward over the unpadded prompt + candidate, no cache, no padding."""
+    keep = mask.bool()
+    cand = torch.tensor(cand_ids)
+    x = torch.cat([embeds[keep], llm.get_input_embeddings()(cand)])[None]
+    logits = llm(inputs_embeds=x).logits[0]
+    n = len(cand_ids)
+    lp = torch.log_softmax(logits[-n - 1:-1].double(), -1).gather(-1, cand[:, None]).sum()
+    return (lp / n if length_norm else lp).item()
+
+
+@pytest.mark.parametrize("length_norm", [True, False])
+def test_cached_batched_ranking_equals_full_forward(tiny, length_norm):
+    _, llm, tok = tiny
+    pb = PromptBuilder(tok, MOVIES, 6, use_user_token=False, item_tokens=False)
+    histories = [["The Matrix (1999)", "Toy Story (1995)", "Fargo (1996)"], ["Amelie (2001)"]]
+    cands = [CANDS, CANDS[2:] + ["The Matrix (1999)", "Fargo (1996)"]]  # two users, prompts of different lengths
+    embeds, mask = _prompts(pb, llm, histories, cands)
+    cand_ids = [[pb.target_ids(t) for t in c] for c in cands]
+    assert len({len(i) for i in cand_ids[0]}) > 1  # candidates of different lengths (right padding used)
+    with torch.no_grad():
+        scores = rank_candidates(llm, embeds, mask, cand_ids, length_norm=length_norm)
+        assert scores.shape == (2, 6)
+        for u in range(2):
+            for j, ids in enumerate(cand_ids[u]):
+                ref = _no_cache_score(llm, embeds[u], mask[u], ids, length_norm)
+                assert abs(scores[u, j].item() - ref) < 1e-5, (u, j, scores[u, j].item(), ref)
+        # one user, flat candidate list -> (n_cand,), same numbers as in the batch
+        single = rank_candidates(llm, embeds[1:], mask[1:], cand_ids[1], length_norm=length_norm)
+        assert single.shape == (6,) and torch.allclose(single, scores[1], atol=1e-5)
+    # ragged candidate counts: -inf fills the missing ones
+    ragged = rank_candidates(llm, embeds, mask, [cand_ids[0], cand_ids[1][:4]], length_norm=length_norm)
+    assert ragged.shape == (2, 6) and torch.isinf(ragged[1, 4:]).all() and torch.allclose(ragged[1, :4], scores[1, :4])
+    with pytest.raises(ValueError, match="candidates for 1 users but prompts for 2"):
+        rank_candidates(llm, embeds, mask, cand_ids[0])
+
+
+def _overfit(llm, pb, examples, steps=150):
+    """Unfreeze the tiny LLM and teach it: prompt -> this continuation (ids, ending as given)."""
+    enc = []
+    for hist, cands, cont in examples:
+        e = pb.build(hist, cands)
+        e.input_ids += cont
+        e.labels += cont
+        enc.append(e)
+    batch = pb.collate(enc)
+    llm.requires_grad_(True).train()
+    opt = torch.optim.Adam(llm.parameters(), lr=1e-2)
+    mask = batch["attention_mask"]
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = llm(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                               ignore_index=IGNORE)
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    llm.requires_grad_(False).eval()
+    return loss.item()
+
+
+def test_planted_title_ranks_first_and_is_generated(tiny):
+    style, llm, tok = tiny
+    pb = PromptBuilder(tok, MOVIES, 8, use_user_token=False, item_tokens=False)
+    h1, h2 = ["The Matrix (1999)", "Toy Story (1995)"], ["Amelie (2001)"]
+    # prompt 1 -> " Pulp Fiction (1994)</s>"; prompt 2 -> " Casino (1995)\n Heat ..." (newline stops generation)
+    newline = tok("\n", add_special_tokens=False).input_ids
+    examples = [(h1, CANDS, pb.target_ids("Pulp Fiction (1994)")),
+                (h2, CANDS, pb.title_ids("Casino (1995)") + newline + pb.target_ids("Heat (1995)"))]
+    final = _overfit(llm, pb, examples)
+    assert final < 0.05, final
+    embeds, mask = _prompts(pb, llm, [h1, h2], [CANDS, CANDS])
+    with torch.no_grad():
+        scores = rank_candidates(llm, embeds, mask, [[pb.target_ids(c) for c in CANDS]] * 2)
+    assert scores[0].argmax().item() == CANDS.index("Pulp Fiction (1994)")
+    gens = generate_titles(llm, embeds, mask, tok, max_new_tokens=20)
+    assert gens[0] == "Pulp Fiction (1994)"
+    if style == "opt":  # the llama-style test tokenizer has no newline token (it maps "\n" to <unk>)
+        assert gens[1] == "Casino (1995)"
+    assert match_candidate(gens[0], [pb.shown_title(c) for c in CANDS]) == CANDS.index("Pulp Fiction (1994)")
+    assert generate_title(llm, embeds[:1], mask[:1], tok, 20) == gens[0]  # no padding: same answer
+    with pytest.raises(ValueError, match="one prompt"):
+        generate_title(llm, embeds, mask, tok, 20)
+
+
+def test_match_candidate_is_exact_after_normalization():
+    cands = ["The Matrix (1999)", "Heat (1995)", "Toy Story (1995)"]
+    for g in ["The Matrix (1999)", '"the matrix (1999)".', "  THE   MATRIX (1999) ", "\u201cThe Matrix (1999)\u201d",
+              "Ｔｈｅ Ｍａｔｒｉｘ (1999)"]:
+        assert match_candidate(g, cands) == 0, g
+    assert match_candidate("Heat (1995)!", cands) == 1
+    assert match_candidate("The Matrix (1999), Heat (1995)", cands) is None  # two titles: not a hit
+    assert match_candidate("The Matrix", cands) is None  # a prefix is not the title
+    assert match_candidate("", cands) is None
+    assert match_candidate("Heat (1995)", ["Heat (1995)", "heat (1995)."]) is None  # ambiguous
+
+
+def test_absolute_positions_survive_left_padding(tokenizers_by_style):
+    """GPT-2 counts positions from 0 per row unless told: left padding would shift a short prompt.
+    (RoPE models are shift-invariant and OPT derives positions from the mask, so this is the case
+    where explicit position ids matter.)"""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok, vocab = tokenizers_by_style["opt"]
+    torch.manual_seed(0)
+    llm = GPT2LMHeadModel(GPT2Config(vocab_size=vocab + 8, n_embd=32, n_layer=2, n_head=4, n_positions=512,
+                                     initializer_range=0.2)).requires_grad_(False).eval()
+    pb = PromptBuilder(tok, MOVIES, 6, use_user_token=False, item_tokens=False)
+    histories = [["The Matrix (1999)", "Toy Story (1995)", "Fargo (1996)"], ["Amelie (2001)"]]
+    embeds, mask = _prompts(pb, llm, histories, [CANDS, CANDS])
+    cand_ids = [pb.target_ids(t) for t in CANDS]
+    with torch.no_grad():
+        scores = rank_candidates(llm, embeds, mask, [cand_ids, cand_ids], length_norm=False)
+        for j, ids in enumerate(cand_ids):
+            assert abs(scores[1, j].item() - _no_cache_score(llm, embeds[1], mask[1], ids, False)) < 1e-5
