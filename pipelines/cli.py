@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.job == "stage1":
             from pipelines import stage1
             print(stage1.summary(stage1.stage1(cfg, force=args.force)))
+        elif args.job == "stage2":
+            from pipelines import stage2
+            print(stage2.summary(stage2.stage2(cfg, force=args.force)))
         elif args.job == "train-cf":
             from pipelines import train_cf
             print(train_cf.summary(train_cf.train_cf(cfg, force=args.force)))

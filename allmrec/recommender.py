@@ -1,0 +1,156 @@
+"""A-LLMRec composed: CF user representation + item vectors -> projectors -> soft-token prompt -> LLM.
+
+One implementation used by Stage-2 training, evaluation and serving. An `Example` names a user's
+history, the candidate items (already shuffled) and, for training, the target; `LLMRecommender` turns a
+list of examples into one left-padded batch and either computes the Stage-2 loss, ranks the candidates
+by the LLM's likelihood of their titles, or generates a title (the paper's protocol).
+
+Variants (config `stage2.item_tokens`, `stage2.use_user_token`):
+  joint  - e_i = f_I^enc(E_i) from Stage-1                   (A-LLMRec)
+  sbert  - q_i = f_T^enc(SBERT(text_i)) for every item      (A-LLMRec (SBERT))
+  random - fixed random vectors in place of e_i              (ablation)
+  mlp    - the CF embeddings E_i themselves, no Stage-1      (MLP-LLM)
+  none   - no item soft tokens; with no user token and no projector: LLM-Only
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from allmrec.llm.prompt import PromptBuilder
+from allmrec.llm.ranking import generate_titles, match_candidate, rank_candidates
+from allmrec.llm.stage2 import Stage2Projector, soft_prompt_embeds, stage2_loss
+
+ITEM_TOKEN_VARIANTS = ("joint", "sbert", "random", "none", "mlp")
+
+
+@dataclass
+class Example:
+    user_rep: np.ndarray | None          # x_u (d,) from the CF model; None without a user token
+    history: Sequence[int]               # item ids, oldest first (the prompt shows the last history_len)
+    candidates: Sequence[int]            # item ids in prompt order
+    target: int | None = None            # item id (training / evaluation)
+
+
+def shuffled_candidates(target: int, negatives: Sequence[int], rng: np.random.Generator) -> list[int]:
+    cands = [int(target), *map(int, negatives)]
+    rng.shuffle(cands)
+    return cands
+
+
+def item_vector_table(variant: str, e: np.ndarray | None, q: np.ndarray | None, E: np.ndarray | None,
+                      seed: int = 0) -> np.ndarray | None:
+    """(n_items + 1, dim) vectors fed to F_I for the variant, indexed by item id; None for 'none'."""
+    if variant == "joint":
+        return e
+    if variant == "sbert":
+        return q
+    if variant == "mlp":
+        return E
+    if variant == "random":
+        rng = np.random.default_rng(seed)
+        return rng.random(e.shape, dtype=np.float32)  # same range as the sigmoid-bounded e_i
+    if variant == "none":
+        return None
+    raise ValueError(f"unknown item token variant {variant!r}; expected one of {ITEM_TOKEN_VARIANTS}")
+
+
+class Stage2Module(nn.Module):
+    """The frozen LLM and the trainable projectors as one module (what DeepSpeed wraps)."""
+
+    def __init__(self, llm: nn.Module, projector: Stage2Projector | None):
+        super().__init__()
+        self.llm = llm
+        self.projector = projector
+
+    def forward(self, batch: dict[str, torch.Tensor], placeholders) -> torch.Tensor:
+        return stage2_loss(self.llm, self.projector, batch, batch.get("user_reps"), batch.get("item_embs"),
+                           placeholders)
+
+
+class LLMRecommender:
+    def __init__(self, llm: nn.Module, tokenizer, titles: Sequence[str], domain, *, projector: Stage2Projector | None,
+                 item_vectors: np.ndarray | None, use_user_token: bool, history_len: int = 10,
+                 max_title_tokens: int = 16):
+        if projector is None and (item_vectors is not None or use_user_token):
+            raise ValueError("soft tokens need a projector (LLM-Only uses neither user nor item tokens)")
+        self.llm, self.tokenizer, self.projector = llm, tokenizer, projector
+        self.titles = list(titles)  # index = item id; 0 = padding
+        self.item_vectors = None if item_vectors is None else torch.tensor(np.asarray(item_vectors), dtype=torch.float32)
+        self.use_user_token = use_user_token
+        self.history_len = history_len
+        self.prompts = PromptBuilder(tokenizer, domain, max_title_tokens, use_user_token=use_user_token,
+                                     item_tokens=item_vectors is not None)
+        self._target_ids: dict[int, list[int]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+    def target_ids(self, item: int) -> list[int]:
+        if item not in self._target_ids:
+            self._target_ids[item] = self.prompts.target_ids(self.titles[item])
+        return self._target_ids[item]
+
+    def batch(self, examples: Sequence[Example], with_target: bool) -> dict[str, torch.Tensor]:
+        """Token ids, mask, labels and the CF vectors (user reps, item vectors in placeholder order)."""
+        encs, slots = [], []
+        for ex in examples:
+            hist = list(ex.history)[-self.history_len:] if self.history_len else []
+            tgt = self.titles[ex.target] if with_target else None
+            encs.append(self.prompts.build([self.titles[i] for i in hist], [self.titles[i] for i in ex.candidates],
+                                           tgt))
+            slots.append([*hist, *ex.candidates])
+        out = self.prompts.collate(encs)
+        dev = self.device
+        out = {k: v.to(dev) for k, v in out.items()}
+        if self.use_user_token:
+            reps = np.stack([np.asarray(ex.user_rep, dtype=np.float32) for ex in examples])
+            out["user_reps"] = torch.from_numpy(reps).to(dev)
+        if self.item_vectors is not None:
+            S = max(len(s) for s in slots)
+            idx = torch.zeros(len(slots), S, dtype=torch.long)
+            for b, s in enumerate(slots):
+                idx[b, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+            out["item_embs"] = self.item_vectors[idx].to(dev)
+        return out
+
+    def embeds(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return soft_prompt_embeds(self.llm, self.projector, batch["input_ids"], self.prompts.placeholders,
+                                  batch.get("user_reps"), batch.get("item_embs"))
+
+    def loss(self, examples: Sequence[Example]) -> torch.Tensor:
+        b = self.batch(examples, with_target=True)
+        return stage2_loss(self.llm, self.projector, b, b.get("user_reps"), b.get("item_embs"),
+                           self.prompts.placeholders)
+
+    @torch.no_grad()
+    def rank(self, examples: Sequence[Example], length_norm: bool = True) -> np.ndarray:
+        """(B, C) log-likelihood scores of each example's candidates (higher is better)."""
+        b = self.batch(examples, with_target=False)
+        emb = self.embeds(b)
+        cands = [[self.target_ids(i) for i in ex.candidates] for ex in examples]
+        scores = rank_candidates(self.llm, emb, b["attention_mask"], cands, length_norm=length_norm)
+        return scores.float().cpu().numpy().reshape(len(examples), -1)
+
+    @torch.no_grad()
+    def generate(self, examples: Sequence[Example], max_new_tokens: int = 32) -> list[tuple[str, int | None]]:
+        """(generated text, index of the candidate it names exactly or None) per example."""
+        b = self.batch(examples, with_target=False)
+        texts = generate_titles(self.llm, self.embeds(b), b["attention_mask"], self.tokenizer, max_new_tokens)
+        out = []
+        for ex, text in zip(examples, texts):
+            shown = [self.prompts.shown_title(self.titles[i]) for i in ex.candidates]
+            out.append((text, match_candidate(text, shown)))
+        return out
+
+
+def build_projector(variant: str, use_user_token: bool, user_dim: int, item_dim: int | None,
+                    llm_dim: int) -> Stage2Projector | None:
+    if variant == "none" and not use_user_token:
+        return None
+    return Stage2Projector(user_dim if use_user_token else None, None if variant == "none" else item_dim, llm_dim)

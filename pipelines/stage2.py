@@ -1,0 +1,260 @@
+"""`allmrec stage2`: align with the frozen LLM (A-LLMRec Stage-2) on Ray Train + DeepSpeed ZeRO-3.
+
+Every worker builds the frozen LLM (partitioned across workers by ZeRO-3: with `HfDeepSpeedConfig`
+alive, `from_pretrained` loads straight into partitions), the frozen CF model (for x_u) and the two
+trainable projectors, wrapped by the shared DeepSpeed engine. One example per user: the last training
+item is the target, its title after the paper's prompt (10 most recent history titles, 20 shuffled
+candidates = target + 19 seeded negatives). Only the projectors are exported (safetensors, small);
+the DeepSpeed checkpoints (trainable state only) serve resume.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from allmrec.config import Config, config_from_dict
+from allmrec.data import schema
+from allmrec.data.load import Prepared
+from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
+from pipelines.common import init_ray, run_path
+from pipelines.stage1 import _bundle, _collect, _plot_losses, load_cf_bundle, load_joint_embeddings
+
+log = logging.getLogger("allmrec.stage2")
+PROJECTOR = "projector.safetensors"
+STREAM_STAGE2 = 8
+
+
+def _train_examples(block: pa.Table, n_items: int, n_negatives: int, seed: int) -> dict:
+    """One example per user from the training part: history -> last training item, 19 seeded negatives."""
+    from allmrec.data.sampling import sample_negatives
+    users, hists, cands, targets = [], [], [], []
+    for u, s in zip(block["user"].to_pylist(), block["seq"].to_pylist()):
+        train = s[:-2]
+        if len(train) < 2:
+            continue
+        rng = np.random.default_rng([seed, int(u), STREAM_STAGE2])
+        neg = sample_negatives(rng, n_items, np.asarray(s), n_negatives)
+        c = [train[-1], *neg.tolist()]
+        rng.shuffle(c)
+        users.append(u)
+        hists.append(np.asarray(train[:-1], dtype=np.int64))
+        cands.append(c)
+        targets.append(train[-1])
+    return {"user": np.asarray(users, dtype=np.int64), "hist": np.array(hists + [None], dtype=object)[:-1],
+            "cands": np.asarray(cands, dtype=np.int64).reshape(len(users), n_negatives + 1),
+            "target": np.asarray(targets, dtype=np.int64)}
+
+
+def user_reps(cf, hists, users, device="cpu") -> np.ndarray:
+    from allmrec.cf.data import pad_left
+    seqs = torch.from_numpy(pad_left([np.asarray(h) for h in hists], cf.max_len)).to(device)
+    u = None if users is None else torch.as_tensor(np.asarray(users, dtype=np.int64), device=device)
+    with torch.no_grad():
+        return cf.user_representation(seqs, u).float().cpu().numpy()
+
+
+def variant_vectors(cfg: Config, cf, run_dir: Path) -> np.ndarray | None:
+    from allmrec.recommender import item_vector_table
+    v = cfg.stage2.item_tokens
+    e = q = None
+    if v in ("joint", "sbert", "random"):
+        e, q = load_joint_embeddings(run_dir)
+    E = cf.item_embeddings().detach().float().numpy() if v == "mlp" else None
+    return item_vector_table(v, e, q, E, seed=cfg.seed)
+
+
+def load_frozen_llm(cfg: Config, device: str, ds_conf: dict | None = None):
+    """The frozen LLM; under ZeRO-3 `HfDeepSpeedConfig` makes from_pretrained load partitioned."""
+    from allmrec.llm.loading import load_llm
+    keep = None
+    if ds_conf is not None and ds_conf.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+        keep = HfDeepSpeedConfig(ds_conf)  # must stay alive while the model is built
+    dtype = torch.bfloat16 if (cfg.stage2.bf16 and device == "cuda") else torch.float32
+    llm, tok = load_llm(cfg.stage2.llm, dtype=dtype, device=device)
+    del keep
+    return llm, tok
+
+
+def train_func(config: dict) -> None:
+    import ray.train
+    import torch.distributed as dist
+
+    from allmrec.recommender import Example, LLMRecommender, Stage2Module, build_projector
+    from pipelines import engine as eng
+
+    cfg = config_from_dict(config["cfg"])
+    s2 = cfg.stage2
+    torch.set_num_threads(config["threads"])
+    rank = ray.train.get_context().get_world_rank()
+    eng.init_distributed(s2.use_gpu)
+    device = "cuda" if s2.use_gpu else "cpu"
+    conf = eng.deepspeed_config(s2.deepspeed_config, micro_batch=s2.batch_size, zero_stage=s2.zero_stage,
+                                bf16=s2.bf16 and s2.use_gpu, overrides=config.get("ds_overrides"))
+    llm, tok = load_frozen_llm(cfg, device, conf)
+    cf = load_cf_bundle(config["cf_files"]).to(device)
+    vectors = config["item_vectors"]
+    torch.manual_seed(cfg.seed)  # identical projector initialisation on every rank
+    llm_dim = llm.config.hidden_size
+    projector = build_projector(s2.item_tokens, s2.use_user_token, cf.hidden,
+                                None if vectors is None else vectors.shape[1], llm_dim)
+    module = Stage2Module(llm, projector)
+    engine = eng.build_engine(module, s2.lr, conf)
+    counts = eng.local_parameter_counts(engine.module.llm)
+    all_counts = [None] * dist.get_world_size()
+    dist.all_gather_object(all_counts, counts)
+
+    items = _collect(ray.train.get_dataset_shard("items"))
+    titles = [""] * (int(items["item"].max()) + 1)
+    for i, t in zip(items["item"], items["title"]):
+        titles[int(i)] = str(t)
+    rec = LLMRecommender(engine.module.llm, tok, titles, cfg.data.domain, projector=engine.module.projector,
+                         item_vectors=vectors, use_user_token=s2.use_user_token, history_len=s2.history_len,
+                         max_title_tokens=s2.max_title_tokens)
+    train = _collect(ray.train.get_dataset_shard("train"))
+    n_rows = len(train["user"])
+    reps = user_reps(cf, list(train["hist"]), train["user"], device) if s2.use_user_token else None
+
+    state = eng.restore(engine) or {}
+    start, history = state.get("epoch", 0) + 1, state.get("history", [])
+    for epoch in range(start, s2.epochs + 1):
+        if config.get("fail_at_epoch") == epoch and not state and rank == 0:
+            raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
+        t0 = time.perf_counter()
+        order = np.random.default_rng([cfg.seed, epoch, rank]).permutation(n_rows)
+        # ZeRO-3 needs the same number of steps on every rank: Ray Data's split gives equal-sized shards
+        total, n_steps = 0.0, 0
+        engine.train()
+        for i in range(0, n_rows, s2.batch_size):
+            idx = order[i:i + s2.batch_size]
+            exs = [Example(None if reps is None else reps[j], train["hist"][j], train["cands"][j], int(train["target"][j]))
+                   for j in idx]
+            b = rec.batch(exs, with_target=True)
+            loss = engine(b, rec.prompts.placeholders)
+            engine.backward(loss)
+            engine.step()
+            total += float(loss.detach())
+            n_steps += 1
+            if rank == 0 and n_steps % 10 == 0:
+                print(f"[stage2] epoch {epoch} step {n_steps}/{-(-n_rows // s2.batch_size)} "
+                      f"loss {total / n_steps:.4f} ({(time.perf_counter() - t0) / n_steps:.2f} s/step)", flush=True)
+        dt = time.perf_counter() - t0
+        rec_m = {"epoch": epoch, "loss": total / max(n_steps, 1), "seconds": round(dt, 2),
+                 "users_per_s": round(n_rows * dist.get_world_size() / max(dt, 1e-9), 3),
+                 "llm_params_full": all_counts[0]["full"],
+                 "llm_params_local_per_rank": [c["local"] for c in all_counts]}
+        history.append(rec_m)
+        export = eng.trainable_state(engine, ("projector.",))
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag=eng.CKPT_TAG, client_state={"epoch": epoch, "history": history},
+                                   exclude_frozen_parameters=True)
+            if rank == 0:
+                clean = {k[len("projector."):]: v.contiguous() for k, v in export.items()}
+                (Path(tmp) / PROJECTOR).write_bytes(st_save(clean))
+                (Path(tmp) / "history.json").write_text(json.dumps(history))
+            ray.train.report(rec_m, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def stage2_dir(cfg: Config) -> Path:
+    s2 = cfg.stage2
+    default = s2.item_tokens == "joint" and s2.use_user_token
+    return run_path(cfg, "stage2") if default else run_path(cfg, "stage2", f"{s2.item_tokens}-u{int(s2.use_user_token)}")
+
+
+def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
+           ds_overrides: dict | None = None) -> Path:
+    s2 = cfg.stage2
+    data_dir, cf_dir = run_path(cfg, "data"), run_path(cfg, "cf")
+    m, mcf = read_manifest(data_dir), read_manifest(cf_dir)
+    needs_s1 = s2.item_tokens in ("joint", "sbert", "random")
+    ms1 = read_manifest(run_path(cfg, "stage1")) if needs_s1 else {"fingerprint": None}
+    if m is None or mcf is None or ms1 is None:
+        raise FileNotFoundError("stage2 needs prepare, train-cf" + (" and stage1" if needs_s1 else "") + " outputs")
+    out_dir = stage2_dir(cfg)
+    fp = fingerprint({"data": m["fingerprint"], "cf": mcf["fingerprint"], "stage1": ms1["fingerprint"],
+                      "seed": cfg.seed, "stage2": cfg.to_dict()["stage2"] | {"num_workers": None, "use_gpu": None},
+                      "ds": ds_overrides})
+    if not force and is_complete(out_dir, fp):
+        log.info("stage2: %s is up to date; use --force to retrain", out_dir)
+        return out_dir
+    if s2.item_tokens == "none" and not s2.use_user_token:
+        raise ValueError("nothing to train: LLM-Only (no user token, no item tokens) has no projector")
+    ray = init_ray(cfg)
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from allmrec.llm.loading import resolve_llm_source
+    resolve_llm_source(s2.llm)  # convert/cache the packaged model once, before the workers start
+    t0 = time.perf_counter()
+    prep = Prepared(data_dir)
+    cf_files = _bundle(cf_dir)
+    vectors = variant_vectors(cfg, load_cf_bundle(cf_files), run_path(cfg))
+    seq_ds = ray.data.read_parquet(str(data_dir / schema.SEQUENCES))
+    if s2.max_users is not None and s2.max_users < prep.n_train_users:
+        keep = set(np.random.default_rng(cfg.seed).choice(prep.n_train_users, s2.max_users, replace=False).tolist())
+        seq_ds = seq_ds.filter(lambda r: r["user"] in keep)
+    train_ds = seq_ds.map_batches(_train_examples, batch_format="pyarrow", fn_kwargs={
+        "n_items": prep.n_items, "n_negatives": cfg.data.n_negatives, "seed": cfg.seed})
+    items_ds = ray.data.read_parquet(str(data_dir / schema.ITEMS), columns=["item", "title"])
+    cores = os.cpu_count() or 1
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": cfg.to_dict(), "cf_files": cf_files, "item_vectors": vectors,
+                           "fail_at_epoch": fail_at_epoch, "ds_overrides": ds_overrides,
+                           "threads": max(1, cores // s2.num_workers) if not s2.use_gpu else 4},
+        scaling_config=ScalingConfig(num_workers=s2.num_workers, use_gpu=s2.use_gpu,
+                                     resources_per_worker=None if s2.use_gpu else {"CPU": 1}),
+        torch_config=TorchConfig(backend="nccl" if s2.use_gpu else "gloo"),
+        datasets={"train": train_ds, "items": items_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(name=f"stage2-{fp}", storage_path=str(run_path(cfg, "ray_results")),
+                             failure_config=FailureConfig(max_failures=cfg.cf.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    train_s = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage2 finished without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        proj = (Path(d) / PROJECTOR).read_bytes()
+        history = json.loads((Path(d) / "history.json").read_text())
+    with atomic_dir(out_dir) as tmp:
+        (tmp / PROJECTOR).write_bytes(proj)
+        (tmp / "metrics.json").write_text(json.dumps({"history": history, "train_seconds": round(train_s, 1)},
+                                                    indent=2))
+        cfg.dump(tmp / "config.yaml")
+        (tmp / schema.MANIFEST).write_text(json.dumps({
+            "fingerprint": fp, "job": "stage2", "variant": {"item_tokens": s2.item_tokens,
+                                                            "use_user_token": s2.use_user_token},
+            "llm": s2.llm, "zero_stage": s2.zero_stage, "workers": s2.num_workers,
+            "epochs_run": len(history), "train_seconds": round(train_s, 1),
+            "final": history[-1] if history else None}, indent=2))
+        _plot_losses(history, tmp / "loss.png", "Stage-2 loss (next-title cross-entropy)")
+    return out_dir
+
+
+def load_projector(out_dir: Path, cfg: Config, cf_dim: int, item_dim: int | None, llm_dim: int):
+    from allmrec.recommender import build_projector
+    proj = build_projector(cfg.stage2.item_tokens, cfg.stage2.use_user_token, cf_dim, item_dim, llm_dim)
+    if proj is not None:
+        proj.load_state_dict(st_load((out_dir / PROJECTOR).read_bytes()))
+        proj.eval()
+    return proj
+
+
+def summary(out_dir: Path) -> str:
+    m = read_manifest(out_dir) or {}
+    f = m.get("final") or {}
+    return (f"stage2 -> {out_dir}: {m.get('epochs_run')} epochs in {m.get('train_seconds')} s, final loss "
+            f"{f.get('loss', float('nan')):.4f}, {f.get('users_per_s')} users/s; ZeRO-{m.get('zero_stage')} "
+            f"LLM parameters per rank {f.get('llm_params_local_per_rank')} of {f.get('llm_params_full')}")
