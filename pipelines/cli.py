@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.job == "stage2":
             from pipelines import stage2
             print(stage2.summary(stage2.stage2(cfg, force=args.force)))
+        elif args.job == "evaluate":
+            from pipelines import evaluate
+            print(evaluate.summary(evaluate.evaluate(cfg, force=args.force)))
         elif args.job == "train-cf":
             from pipelines import train_cf
             print(train_cf.summary(train_cf.train_cf(cfg, force=args.force)))

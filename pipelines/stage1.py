@@ -279,15 +279,6 @@ def _plot_losses(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def load_joint_embeddings(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(e, q): (n_items + 1, d') arrays indexed by item id."""
-    from allmrec.data.load import read_parquet
-    df = read_parquet(run_dir / "stage1" / "joint_emb.parquet", sort_by="item")
-    e = np.stack(df["e"].to_numpy()).astype(np.float32)
-    q = np.stack(df["q"].to_numpy()).astype(np.float32)
-    return e, q
-
-
 def summary(out_dir: Path) -> str:
     m = read_manifest(out_dir) or {}
     f = m.get("final") or {}

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from allmrec.config import Config, config_from_dict
@@ -27,10 +26,10 @@ from allmrec.data import schema
 from allmrec.data.load import Prepared
 from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
 from pipelines.common import init_ray, run_path
-from pipelines.stage1 import _bundle, _collect, _plot_losses, load_cf_bundle, load_joint_embeddings
+from allmrec.artifacts import PROJECTOR, stage2_dir, user_reps, variant_vectors
+from pipelines.stage1 import _bundle, _collect, _plot_losses, load_cf_bundle
 
 log = logging.getLogger("allmrec.stage2")
-PROJECTOR = "projector.safetensors"
 STREAM_STAGE2 = 8
 
 
@@ -53,24 +52,6 @@ def _train_examples(block: pa.Table, n_items: int, n_negatives: int, seed: int) 
     return {"user": np.asarray(users, dtype=np.int64), "hist": np.array(hists + [None], dtype=object)[:-1],
             "cands": np.asarray(cands, dtype=np.int64).reshape(len(users), n_negatives + 1),
             "target": np.asarray(targets, dtype=np.int64)}
-
-
-def user_reps(cf, hists, users, device="cpu") -> np.ndarray:
-    from allmrec.cf.data import pad_left
-    seqs = torch.from_numpy(pad_left([np.asarray(h) for h in hists], cf.max_len)).to(device)
-    u = None if users is None else torch.as_tensor(np.asarray(users, dtype=np.int64), device=device)
-    with torch.no_grad():
-        return cf.user_representation(seqs, u).float().cpu().numpy()
-
-
-def variant_vectors(cfg: Config, cf, run_dir: Path) -> np.ndarray | None:
-    from allmrec.recommender import item_vector_table
-    v = cfg.stage2.item_tokens
-    e = q = None
-    if v in ("joint", "sbert", "random"):
-        e, q = load_joint_embeddings(run_dir)
-    E = cf.item_embeddings().detach().float().numpy() if v == "mlp" else None
-    return item_vector_table(v, e, q, E, seed=cfg.seed)
 
 
 def load_frozen_llm(cfg: Config, device: str, ds_conf: dict | None = None):
@@ -165,12 +146,6 @@ def train_func(config: dict) -> None:
             ray.train.report(rec_m, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def stage2_dir(cfg: Config) -> Path:
-    s2 = cfg.stage2
-    default = s2.item_tokens == "joint" and s2.use_user_token
-    return run_path(cfg, "stage2") if default else run_path(cfg, "stage2", f"{s2.item_tokens}-u{int(s2.use_user_token)}")
-
-
 def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
            ds_overrides: dict | None = None) -> Path:
     s2 = cfg.stage2
@@ -241,15 +216,6 @@ def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
             "final": history[-1] if history else None}, indent=2))
         _plot_losses(history, tmp / "loss.png", "Stage-2 loss (next-title cross-entropy)")
     return out_dir
-
-
-def load_projector(out_dir: Path, cfg: Config, cf_dim: int, item_dim: int | None, llm_dim: int):
-    from allmrec.recommender import build_projector
-    proj = build_projector(cfg.stage2.item_tokens, cfg.stage2.use_user_token, cf_dim, item_dim, llm_dim)
-    if proj is not None:
-        proj.load_state_dict(st_load((out_dir / PROJECTOR).read_bytes()))
-        proj.eval()
-    return proj
 
 
 def summary(out_dir: Path) -> str:

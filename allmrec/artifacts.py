@@ -1,0 +1,114 @@
+"""Loading the trained artifacts of a run folder for inference (evaluation, scoring, serving).
+
+Layout of `<run_dir>`: data/ (prepare), encode/, cf/ (CF model), stage1/ (joint_emb.parquet, aligner +
+SBERT export), stage2/ or stage2/<variant>/ (projector.safetensors). Only safetensors, parquet and JSON
+are read: nothing is unpickled.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+
+from allmrec.config import Config
+from allmrec.data.load import Prepared, read_parquet
+
+PROJECTOR = "projector.safetensors"
+
+# evaluation/serving variant -> (stage2 item_tokens, use_user_token)
+LLM_VARIANTS = {
+    "llm_only": ("none", False),
+    "allmrec": ("joint", True),
+    "allmrec_sbert": ("sbert", True),
+    "mlp_llm": ("mlp", True),
+    "allmrec_no_user": ("joint", False),
+    "allmrec_random_items": ("random", True),
+    "allmrec_no_items": ("none", True),
+}
+
+
+def run_dir(cfg: Config, *parts: str) -> Path:
+    return Path(cfg.run_dir).expanduser().resolve().joinpath(*parts)
+
+
+def stage2_dir(cfg: Config) -> Path:
+    """Where Stage-2 of the configured variant lives (the default A-LLMRec at stage2/)."""
+    s2 = cfg.stage2
+    if s2.item_tokens == "joint" and s2.use_user_token:
+        return run_dir(cfg, "stage2")
+    return run_dir(cfg, "stage2", f"{s2.item_tokens}-u{int(s2.use_user_token)}")
+
+
+def load_joint_embeddings(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(e, q): (n_items + 1, d') arrays indexed by item id, from stage1/joint_emb.parquet."""
+    df = read_parquet(Path(root) / "stage1" / "joint_emb.parquet", sort_by="item")
+    e = np.stack(df["e"].to_numpy()).astype(np.float32)
+    q = np.stack(df["q"].to_numpy()).astype(np.float32)
+    return e, q
+
+
+def variant_vectors(cfg: Config, cf, root: Path) -> np.ndarray | None:
+    """The item vectors F_I reads for `cfg.stage2.item_tokens` (None: no item soft tokens)."""
+    from allmrec.recommender import item_vector_table
+    v = cfg.stage2.item_tokens
+    e = q = None
+    if v in ("joint", "sbert", "random"):
+        e, q = load_joint_embeddings(root)
+    E = cf.item_embeddings().detach().float().cpu().numpy() if v == "mlp" else None
+    return item_vector_table(v, e, q, E, seed=cfg.seed)
+
+
+def user_reps(cf, hists, users, device: str | torch.device = "cpu") -> np.ndarray:
+    """x_u of each history (users None: users the CF model never trained on)."""
+    from allmrec.cf.data import pad_left
+    seqs = torch.from_numpy(pad_left([np.asarray(h) for h in hists], cf.max_len)).to(device)
+    u = None if users is None else torch.as_tensor(np.asarray(users, dtype=np.int64), device=device)
+    with torch.no_grad():
+        return cf.user_representation(seqs, u).float().cpu().numpy()
+
+
+def load_projector(directory: Path, cfg: Config, cf_dim: int, item_dim: int | None, llm_dim: int):
+    from allmrec.recommender import build_projector
+    proj = build_projector(cfg.stage2.item_tokens, cfg.stage2.use_user_token, cf_dim, item_dim, llm_dim)
+    if proj is not None:
+        path = Path(directory) / PROJECTOR
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run `allmrec stage2` for this variant first")
+        proj.load_state_dict(st_load(path.read_bytes()))
+        proj.eval()
+    return proj
+
+
+def item_titles(prep: Prepared) -> list[str]:
+    titles = [""] * (prep.n_items + 1)
+    for i, t in zip(prep.items["item"], prep.items["title"]):
+        titles[int(i)] = t
+    return titles
+
+
+def load_recommender(cfg: Config, variant: str = "allmrec", device: str = "cpu"):
+    """(LLMRecommender, CF model, Prepared) for an evaluation/serving variant of a trained run."""
+    import copy
+
+    from allmrec.cf import load_cf_model
+    from allmrec.llm.loading import load_llm
+    from allmrec.recommender import LLMRecommender
+
+    if variant not in LLM_VARIANTS:
+        raise ValueError(f"unknown LLM variant {variant!r}; known: {sorted(LLM_VARIANTS)}")
+    cfg = copy.deepcopy(cfg)
+    cfg.stage2.item_tokens, cfg.stage2.use_user_token = LLM_VARIANTS[variant]
+    llm, tok = load_llm(cfg.stage2.llm, device=device)
+    cf = load_cf_model(run_dir(cfg, "cf")).eval()
+    prep = Prepared(run_dir(cfg, "data"))
+    projector = vectors = None
+    if variant != "llm_only":
+        vectors = variant_vectors(cfg, cf, run_dir(cfg))
+        projector = load_projector(stage2_dir(cfg), cfg, cf.hidden, None if vectors is None else vectors.shape[1],
+                                   llm.config.hidden_size).to(device)
+    rec = LLMRecommender(llm, tok, item_titles(prep), cfg.data.domain, projector=projector, item_vectors=vectors,
+                         use_user_token=cfg.stage2.use_user_token, history_len=cfg.stage2.history_len,
+                         max_title_tokens=cfg.stage2.max_title_tokens)
+    return rec, cf, prep

@@ -1,0 +1,239 @@
+"""`allmrec evaluate`: the paper's protocol for every model in one harness, as Ray Data batch inference.
+
+Every model scores the same seeded candidate sets written by `prepare` (test target + 19 negatives,
+shown to the LLM in a seeded shuffled order). Scenarios: overall, cold / warm test items, cold users.
+LLM variants run in a pool of actors that load their models once (`eval.num_actors`, GPU actors on a
+cluster); CF baselines are scored directly. Outputs in `<run>/report/`: per-user results (parquet),
+report.json, report.md and PNG bar charts.
+
+Modes: `rank` scores each candidate title by the LLM's likelihood after the prompt (prompt computed once,
+its KV cache reused for all candidates: Hit@K/NDCG@K/MRR); `generate` is the paper's protocol — greedy
+decoding after "The recommendation is", a hit when the generation equals the target's title after
+normalization (outputs that name no candidate are counted).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from allmrec.artifacts import LLM_VARIANTS, load_recommender, user_reps
+from allmrec.cf.trainer import evaluate_candidates, popularity_scores
+from allmrec.config import Config, config_from_dict
+from allmrec.data.load import Prepared
+from allmrec.io import atomic_dir, fingerprint, read_manifest
+from allmrec.metrics import ranks_from_scores, summarize
+from pipelines.common import init_ray, run_path
+
+log = logging.getLogger("allmrec.evaluate")
+STREAM_SHUFFLE = 9
+
+CF_VARIANTS = {"sasrec", "gru4rec", "nextitnet", "ncf", "cf", "most_popular"}
+
+
+def _subset(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    if n is None or n >= len(df):
+        return df
+    idx = np.sort(np.random.default_rng(seed).choice(len(df), n, replace=False))
+    return df.iloc[idx].reset_index(drop=True)
+
+
+def eval_rows(cfg: Config, prep: Prepared) -> pd.DataFrame:
+    """All (scenario, user) rows to score; cold/warm item scenarios are read off 'overall' by target group."""
+    test = _subset(prep.candidates("test"), cfg.eval.max_users, cfg.seed)
+    parts = [test.assign(scenario="overall")]
+    cold = _subset(prep.candidates("cold_users"), cfg.eval.max_users, cfg.seed)
+    if len(cold):
+        parts.append(cold.assign(scenario="cold_users"))
+    rows = pd.concat(parts, ignore_index=True)
+    rows["group"] = prep.items.set_index("item")["group"].reindex(rows["target"]).to_numpy()
+    return rows[["scenario", "user", "history", "target", "negatives", "group"]]
+
+
+def shuffled(user: int, target: int, negatives, seed: int) -> list[int]:
+    """The candidate order shown to the LLM: seeded per user, identical for every model."""
+    c = [int(target), *map(int, negatives)]
+    np.random.default_rng([seed, int(user), STREAM_SHUFFLE]).shuffle(c)
+    return c
+
+
+class LLMScorer:
+    """Ray Data actor: one LLM variant, loaded once; scores a batch of evaluation rows."""
+
+    def __init__(self, cfg_dict: dict, variant: str, threads: int, use_gpu: bool):
+        torch.set_num_threads(threads)
+        self.cfg, self.variant = config_from_dict(cfg_dict), variant
+        self.rec, self.cf, _ = load_recommender(self.cfg, variant, device="cuda" if use_gpu else "cpu")
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from allmrec.recommender import Example
+
+        cfg = self.cfg
+        known = (batch["scenario"] != "cold_users").to_numpy()
+        hists = [np.asarray(h) for h in batch["history"]]
+        reps = None
+        if self.rec.use_user_token:
+            reps = np.zeros((len(batch), self.cf.hidden), dtype=np.float32)
+            for mask, users in ((known, batch["user"].to_numpy()), (~known, None)):
+                if mask.any():
+                    reps[mask] = user_reps(self.cf, [h for h, m in zip(hists, mask) if m],
+                                           None if users is None else users[mask])
+        exs, cands = [], []
+        for j, (u, t, negs) in enumerate(zip(batch["user"], batch["target"], batch["negatives"])):
+            c = shuffled(u, t, negs, cfg.seed)
+            cands.append(c)
+            exs.append(Example(None if reps is None else reps[j], hists[j], c, int(t)))
+        out = batch[["scenario", "user", "target", "group"]].copy()
+        out["variant"] = self.variant
+        t0 = time.perf_counter()
+        if cfg.eval.mode in ("rank", "both"):
+            scores = self.rec.rank(exs, length_norm=cfg.eval.length_norm)
+            pos = [c.index(int(t)) for c, t in zip(cands, batch["target"])]
+            # put the positive in column 0 for the shared rank function (ties count against it)
+            ordered = np.stack([np.r_[s[p], np.delete(s, p)] for s, p in zip(scores, pos)])
+            out["rank"] = ranks_from_scores(ordered)
+        out["rank_s"] = (time.perf_counter() - t0) / len(batch)
+        if cfg.eval.mode in ("generate", "both"):
+            t0 = time.perf_counter()
+            gens = self.rec.generate(exs, max_new_tokens=cfg.eval.max_new_tokens)
+            out["generated"] = [g for g, _ in gens]
+            out["gen_hit"] = [m is not None and c[m] == int(t) for (g, m), c, t in zip(gens, cands, batch["target"])]
+            out["gen_named"] = [m is not None for _, m in gens]
+            out["generate_s"] = (time.perf_counter() - t0) / len(batch)
+        return out
+
+
+def _cf_results(cfg: Config, prep: Prepared, rows: pd.DataFrame, variant: str) -> pd.DataFrame:
+    from allmrec.cf import load_cf_model
+    cands = np.array([[t, *n] for t, n in zip(rows["target"], rows["negatives"])], dtype=np.int64)
+    if variant == "most_popular":
+        ranks = ranks_from_scores(popularity_scores([s[:-2] for s in prep.sequences["seq"]], prep.n_items)[cands])
+    else:
+        name = cfg.cf.model if variant == "cf" else variant
+        path = run_path(cfg, "cf") if name == cfg.cf.model else run_path(cfg, "cf", name)
+        model = load_cf_model(path).eval()
+        known = (rows["scenario"] != "cold_users").to_numpy()
+        ranks = np.empty(len(rows), dtype=np.int64)
+        hists = [np.asarray(h) for h in rows["history"]]
+        for mask, users in ((known, rows["user"].to_numpy()), (~known, None)):
+            if mask.any():
+                ranks[mask] = evaluate_candidates(model, [h for h, m in zip(hists, mask) if m],
+                                                  None if users is None else users[mask], cands[mask])
+    out = rows[["scenario", "user", "target", "group"]].copy()
+    out["variant"] = variant
+    out["rank"] = ranks
+    return out
+
+
+def evaluate(cfg: Config, force: bool = False) -> Path:
+    prep = Prepared(run_path(cfg, "data"))
+    rows = eval_rows(cfg, prep)
+    out_dir = run_path(cfg, "report")
+    ray = init_ray(cfg)
+    cores = os.cpu_count() or 1
+    e = cfg.eval
+    results, timings = [], {}
+    for variant in e.variants:
+        t0 = time.perf_counter()
+        if variant in CF_VARIANTS:
+            results.append(_cf_results(cfg, prep, rows, variant))
+        elif variant in LLM_VARIANTS:
+            n_act = max(1, e.num_actors)
+            ds = ray.data.from_pandas(rows).repartition(max(n_act * 2, len(rows) // (4 * e.batch_size) + 1))
+            ds = ds.map_batches(LLMScorer, batch_size=e.batch_size, batch_format="pandas",
+                                compute=ray.data.ActorPoolStrategy(size=n_act),
+                                fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "variant": variant,
+                                                       "threads": max(1, cores // n_act), "use_gpu": e.use_gpu},
+                                num_gpus=1 if e.use_gpu else 0, num_cpus=0 if e.use_gpu else 1)
+            results.append(ds.to_pandas())
+        else:
+            raise ValueError(f"unknown evaluation variant {variant!r}; known: "
+                             f"{sorted(CF_VARIANTS | set(LLM_VARIANTS))}")
+        timings[variant] = round(time.perf_counter() - t0, 1)
+        log.info("evaluate: %s scored %d rows in %.1f s", variant, len(rows), timings[variant])
+    res = pd.concat(results, ignore_index=True)
+    report = summarize_results(res)
+    with atomic_dir(out_dir) as tmp:
+        res.to_parquet(tmp / "results.parquet")
+        meta = {"seed": cfg.seed, "data": read_manifest(run_path(cfg, "data"))["fingerprint"],
+                "mode": e.mode, "variants": e.variants, "users_overall": int((rows.scenario == "overall").sum()),
+                "users_cold": int((rows.scenario == "cold_users").sum()), "seconds": timings,
+                "fingerprint": fingerprint({"eval": cfg.to_dict()["eval"], "seed": cfg.seed})}
+        (tmp / "report.json").write_text(json.dumps({"meta": meta, "metrics": report}, indent=2))
+        (tmp / "report.md").write_text(render_markdown(report, meta, cfg))
+        plot_report(report, tmp)
+        (tmp / "manifest.json").write_text(json.dumps(meta | {"job": "evaluate"}, indent=2))
+    return out_dir
+
+
+def summarize_results(res: pd.DataFrame) -> dict:
+    """metrics[variant][scenario] = {hit@1, ..., n} (+ generation hit@1 and the no-candidate rate)."""
+    out: dict = {}
+    scen = {"overall": res.scenario == "overall", "warm_items": (res.scenario == "overall") & (res.group == "warm"),
+            "cold_items": (res.scenario == "overall") & (res.group == "cold"), "cold_users": res.scenario == "cold_users"}
+    for v, g in res.groupby("variant", sort=False):
+        out[v] = {}
+        for name, mask in scen.items():
+            part = g[mask.loc[g.index]]
+            if not len(part):
+                continue
+            m = summarize(part["rank"].to_numpy()) if "rank" in part and part["rank"].notna().all() else {"n": len(part)}
+            if "gen_hit" in part and part["gen_hit"].notna().all():
+                m["gen_hit@1"] = float(part["gen_hit"].mean())
+                m["gen_no_candidate"] = float(1 - part["gen_named"].mean())
+            out[v][name] = m
+    return out
+
+
+def render_markdown(report: dict, meta: dict, cfg: Config) -> str:
+    scen = ["overall", "warm_items", "cold_items", "cold_users"]
+    lines = [f"# Evaluation report: {cfg.name}", "",
+             f"Protocol: 1 positive + {cfg.data.n_negatives} seeded negatives per user (seed {cfg.seed}), "
+             f"mode `{meta['mode']}`, {meta['users_overall']} test users, {meta['users_cold']} cold users. "
+             "Ranking = LLM log-likelihood of each candidate title; gen = the paper's greedy generation with "
+             "exact title match.", "", "## Hit@1", "",
+             "| model | " + " | ".join(scen) + " |", "|---|" + "---|" * len(scen)]
+    for v, r in report.items():
+        lines.append(f"| {v} | " + " | ".join(f"{r[s]['hit@1']:.4f}" if s in r and "hit@1" in r[s] else "-"
+                                              for s in scen) + " |")
+    lines += ["", "## All metrics (overall)", "", "| model | hit@1 | hit@3 | hit@5 | hit@10 | ndcg@5 | ndcg@10 | mrr | gen hit@1 | gen names no candidate | n |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for v, r in report.items():
+        o = r.get("overall", {})
+        f = lambda k: f"{o[k]:.4f}" if k in o else "-"  # noqa: E731
+        lines.append(f"| {v} | " + " | ".join(f(k) for k in ("hit@1", "hit@3", "hit@5", "hit@10", "ndcg@5", "ndcg@10",
+                                                               "mrr", "gen_hit@1", "gen_no_candidate")) + f" | {o.get('n', '-')} |")
+    lines += ["", f"Seconds per variant: {meta['seconds']}", "", "![Hit@1](hit1.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    scen = [s for s in ("overall", "warm_items", "cold_items", "cold_users") if any(s in r for r in report.values())]
+    variants = list(report)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(scen), 3.8))
+    w = 0.8 / max(len(variants), 1)
+    for k, v in enumerate(variants):
+        vals = [report[v].get(s, {}).get("hit@1", np.nan) for s in scen]
+        ax.bar(np.arange(len(scen)) + k * w - 0.4 + w / 2, vals, w, label=v)
+    ax.set_xticks(np.arange(len(scen)))
+    ax.set_xticklabels(scen)
+    ax.set_ylabel("Hit@1 (1 + 19 candidates)")
+    ax.axhline(0.05, color="grey", lw=0.8, ls=":")  # random guessing
+    ax.legend(fontsize=8, ncol=2)
+    ax.set_title("Hit@1 per scenario and model")
+    fig.tight_layout()
+    fig.savefig(out / "hit1.png", dpi=110)
+    plt.close(fig)
+
+
+def summary(out_dir: Path) -> str:
+    return (out_dir / "report.md").read_text() + f"\nreport: {out_dir / 'report.md'}"
