@@ -140,7 +140,8 @@ class ScoreConfig:
     top_k: int = 10
     pool: str = "cf_topn"  # all | cf_topn
     pool_size: int = 20
-    batch_size: int = 64
+    max_users: int | None = None  # the first N users only (CPU demos); None: every user
+    batch_size: int = 8  # users per LLM re-ranking forward
     num_actors: int = 1
 
 

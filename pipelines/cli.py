@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             print(encode.summary(encode.encode(cfg, force=args.force)))
         elif args.job == "run":
             from pipelines import run
-            run.run(cfg, force=args.force)
+            run.run(cfg, force=args.force, serve=not args.no_serve)
         elif args.job == "stage1":
             from pipelines import stage1
             print(stage1.summary(stage1.stage1(cfg, force=args.force)))
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.job == "evaluate":
             from pipelines import evaluate
             print(evaluate.summary(evaluate.evaluate(cfg, force=args.force)))
+        elif args.job == "score":
+            from pipelines import score
+            print(score.summary(score.score(cfg, force=args.force)))
         elif args.job == "train-cf":
             from pipelines import train_cf
             print(train_cf.summary(train_cf.train_cf(cfg, force=args.force)))

@@ -1,11 +1,13 @@
 """`allmrec run`: the main job, every step in order, each skipped when its output is up to date.
 
-prepare -> encode -> train-cf -> stage1 -> stage2 -> evaluate -> score (-> serve)
+prepare -> encode -> train-cf -> stage1 -> stage2 -> evaluate -> score, then (unless --no-serve) the
+service is started and asked for one real recommendation.
 """
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from allmrec.config import Config
 
@@ -14,21 +16,54 @@ log = logging.getLogger("allmrec.run")
 
 def steps():
     """(name, run(cfg, force) -> path, summary(path) -> str) in pipeline order."""
-    from pipelines import encode, prepare, train_cf
-    out = [("prepare", prepare.prepare, prepare.summary),
-           ("encode", encode.encode, encode.summary),
-           ("train-cf", train_cf.train_cf, train_cf.summary)]
-    return out
+    from pipelines import encode, evaluate, prepare, score, stage1, stage2, train_cf
+    return [("prepare", prepare.prepare, prepare.summary),
+            ("encode", encode.encode, encode.summary),
+            ("train-cf", train_cf.train_cf, train_cf.summary),
+            ("stage1", stage1.stage1, stage1.summary),
+            ("stage2", stage2.stage2, stage2.summary),
+            ("evaluate", evaluate.evaluate, evaluate.summary),
+            ("score", score.score, score.summary)]
 
 
-def run(cfg: Config, force: bool = False) -> dict[str, str]:
+def run(cfg: Config, force: bool = False, serve: bool = True) -> dict[str, str]:
     results: dict[str, str] = {}
     all_steps = steps()
+    t_all = time.perf_counter()
     for i, (name, fn, summarize) in enumerate(all_steps, 1):
         t0 = time.perf_counter()
-        print(f"[{i}/{len(all_steps)}] {name} ...", flush=True)
+        print(f"\n=== [{i}/{len(all_steps)}] {name} ===", flush=True)
         path = fn(cfg, force=force)
         results[name] = str(path)
-        print(summarize(path), flush=True)
-        print(f"[{i}/{len(all_steps)}] {name} finished in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(summarize(Path(path)), flush=True)
+        print(f"=== [{i}/{len(all_steps)}] {name} finished in {time.perf_counter() - t0:.1f} s ===", flush=True)
+    print(f"\nall steps done in {time.perf_counter() - t_all:.1f} s; report: {results['evaluate']}/report.md "
+          f"(plots: {results['evaluate']}/hit1.png, {results['stage2']}/loss.png)", flush=True)
+    if serve:
+        _serve_demo(cfg)
+    else:
+        print(f"start the service with: allmrec serve --config <this config> run_dir={cfg.run_dir}")
     return results
+
+
+def _serve_demo(cfg: Config) -> None:
+    """Start the Ray Serve application, make one real request over HTTP, print the answer, stop."""
+    import json
+
+    import httpx
+
+    from allmrec.data.load import Prepared
+    from serve.cli import start, stop
+
+    url = start(cfg, blocking=False)
+    try:
+        prep = Prepared(Path(cfg.run_dir) / "data")
+        user = int(prep.sequences["user"].iloc[0])
+        body = {"user_id": user, "k": 5}
+        r = httpx.post(f"{url}/v1/recommend", json=body, timeout=300)
+        print(f"\nPOST {url}/v1/recommend {json.dumps(body)} -> {r.status_code}")
+        print(json.dumps(r.json(), indent=2)[:2000])
+    finally:
+        stop()
+    print(f"\nserve it yourself: allmrec serve --config <this config> run_dir={cfg.run_dir}  "
+          f"(OpenAPI docs at {url}/docs)")
