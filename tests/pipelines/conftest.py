@@ -49,3 +49,44 @@ def tiny_cfg_factory(ray_session, tmp_path_factory):
         return cfg
 
     return make
+
+
+def save_tiny_llama(folder: Path) -> Path:
+    """A tiny random Llama + a BPE tokenizer trained on item words, saved like any HF model folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = ["is a user representation. This user has bought in the past. Recommend an item for this user "
+              "to buy next from the following set of item titles, The recommendation is not any items yet",
+              "red blue lamp glove bottle rope tent ball shoe cap model 0123456789 ().,:'!?-"]
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    t.decoder = decoders.Metaspace()
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.token_to_id("<s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tiny_cfg_factory, tmp_path_factory):
+    """A tiny run with CF, Stage-1 (frozen SBERT: fast) and Stage-2 (tiny Llama, 2 workers ZeRO-3) done."""
+    from pipelines.stage1 import stage1
+    from pipelines.stage2 import stage2
+    from pipelines.train_cf import train_cf
+
+    llm = save_tiny_llama(tmp_path_factory.mktemp("llm"))
+    cfg = tiny_cfg_factory("cf.epochs=2", "stage1.epochs=2", "stage1.sbert_trainable_layers=0",
+                           "stage1.batch_size=16", f"stage2.llm={llm}", "stage2.epochs=1", "stage2.num_workers=2",
+                           "stage2.max_users=24", "stage2.batch_size=4", "encode.max_seq_length=32", run="trained")
+    train_cf(cfg)
+    stage1(cfg)
+    s2 = stage2(cfg, ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    return cfg, s2

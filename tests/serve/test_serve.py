@@ -1,0 +1,340 @@
+"""The online service end to end over HTTP (loopback), on one Serve app for the whole module.
+
+The run folder is built here, small and untrained but real in every format: prepared data (the Ray
+prepare job on a synthetic Markov set), a SASRec saved with CFModel.save, Stage-1 joint_emb.parquet +
+export.safetensors (aligner keys, frozen MiniLM), a Stage-2 projector, and a tiny random Llama with its
+own tokenizer saved with save_pretrained (stage2.llm is a local path).
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from allmrec.config import load_config
+
+pytestmark = pytest.mark.ray
+httpx = pytest.importorskip("httpx")
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def _markov_writer():
+    spec = importlib.util.spec_from_file_location("_pipelines_conftest", TESTS / "pipelines" / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.write_markov_seq_txt
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_llm(folder: Path, titles: list[str]) -> None:
+    """A 2-layer random Llama + a BPE tokenizer trained on the prompt words and the item titles."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = ["is a user representation. This user has bought in the past. Recommend an item for this user "
+              "to buy next from the following set of item titles, The recommendation is not any items yet.",
+              *titles, "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 ().,:'\"!?-"]
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    t.decoder = decoders.Metaspace()
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.token_to_id("<s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    LlamaForCausalLM(cfg).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+
+
+def build_run(root: Path, *overrides: str):
+    """A complete (untrained) run folder; returns its Config."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.torch import save_file
+
+    from allmrec.align.sbert import TextEncoder, load_sbert
+    from allmrec.align.stage1 import Stage1Aligner, joint_embeddings, text_joint_embeddings
+    from allmrec.cf import build_cf_model
+    from allmrec.data.load import Prepared
+    from allmrec.recommender import build_projector
+    from pipelines.prepare import prepare
+
+    data = _markov_writer()(root / "raw", n_users=80, n_items=40)
+    cfg = load_config(None, [
+        f"run_dir={root / 'run'}", f"data.path={data}", "data.format=seq_txt", "data.k_core=2", "data.n_negatives=7",
+        "data.fewshot_k=[16]", "cf.hidden=16", "cf.max_len=12", "stage1.latent=16", "stage1.sbert_trainable_layers=0",
+        f"stage2.llm={root / 'llm'}", "stage2.history_len=5", "serve.max_history=30", "serve.max_candidates=12",
+        "score.pool_size=6", "serve.min_replicas=1", "serve.max_replicas=1", f"serve.port={_free_port()}",
+        "torch_threads=1", *overrides])
+    prepare(cfg)
+    run = Path(cfg.run_dir)
+    prep = Prepared(run / "data")
+    torch.manual_seed(cfg.seed)
+    cf = build_cf_model("sasrec", prep.n_items, prep.n_train_users, {"hidden": 16, "max_len": 12}).eval()
+    cf.save(run / "cf")
+
+    # Stage-1: frozen MiniLM + an untrained aligner; q computed as stage1's JointEmbedder does
+    te = TextEncoder(load_sbert(cfg.encode.model), trainable_layers=0)
+    aligner = Stage1Aligner(16, te.dim, 16).eval()
+    texts = [""] * (prep.n_items + 1)
+    for i, t in zip(prep.items["item"], prep.items["text"]):
+        texts[int(i)] = str(t)
+    te.pretokenize(texts, cfg.encode.max_seq_length)
+    with torch.no_grad():
+        e = joint_embeddings(aligner, cf.item_embeddings()).numpy()
+        q = text_joint_embeddings(aligner, torch.from_numpy(te.encode_all())).numpy()
+    (run / "stage1").mkdir()
+    save_file({f"aligner.{k}": v.contiguous() for k, v in aligner.state_dict().items()},
+              str(run / "stage1" / "export.safetensors"))
+    pq.write_table(pa.table({"item": np.arange(prep.n_items + 1, dtype=np.int64), "e": list(e), "q": list(q)}),
+                   run / "stage1" / "joint_emb.parquet")
+
+    _tiny_llm(root / "llm", [str(t) for t in prep.items["title"]])
+    torch.manual_seed(1)
+    proj = build_projector("joint", True, 16, 16, 32)
+    (run / "stage2").mkdir()
+    save_file({k: v.contiguous() for k, v in proj.state_dict().items()}, str(run / "stage2" / "projector.safetensors"))
+    return cfg
+
+
+# The test app: small queues so that a burst of requests overloads it.
+TUNING = {"max_batch_size": 4, "batch_wait_s": 0.05, "llm_max_ongoing": 4, "llm_max_queued": 2,
+          "ingress_max_ongoing": 16, "ingress_max_queued": 16, "llm_num_cpus": 0.5}
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tmp_path_factory):
+    from allmrec.artifacts import load_recommender
+    from serve.cli import start, stop
+
+    cfg = build_run(tmp_path_factory.mktemp("serve"))
+    url = start(cfg, blocking=False, tuning=TUNING)
+    rec, cf, prep = load_recommender(cfg)
+    client = httpx.Client(base_url=url, timeout=60)
+    yield {"cfg": cfg, "url": url, "client": client, "rec": rec, "cf": cf, "prep": prep}
+    client.close()
+    stop()
+
+
+def _offline(service, history, user, candidates, k):
+    """(items, scores) of LLMRecommender.rank for one example: what the service must answer."""
+    from allmrec.artifacts import user_reps
+    from allmrec.recommender import Example
+    rep = user_reps(service["cf"], [np.asarray(history)], None if user is None else [user])[0]
+    s = service["rec"].rank([Example(rep, history, candidates)])[0]
+    top = np.argsort(-s, kind="stable")[:k]
+    return [candidates[t] for t in top], s[top]
+
+
+def test_health_models_and_docs(service):
+    c = service["client"]
+    h = c.get("/healthz")
+    assert h.status_code == 200 and h.json()["status"] == "ok"
+    m = c.get("/v1/models").json()["models"][0]
+    assert m["variant"] == "allmrec" and m["n_items"] == service["prep"].n_items and m["new_items"] is True
+    assert m["model_version"] == h.json()["model_version"] and m["model_version"].startswith("ml100k-allmrec-")
+    assert m["aligner"]["self_check_max_abs_err"] < 1e-4  # the served SBERT + f_T^enc rebuild is the stage-1 one
+    assert m["limits"]["max_candidates"] == 12
+    spec = c.get("/openapi.json").json()
+    assert "/v1/recommend" in spec["paths"] and "RecommendRequest" in spec["components"]["schemas"]
+
+
+def test_known_user_ranking_equals_offline_scorer(service):
+    """Same user + same candidates -> the ranking of LLMRecommender.rank, candidates in evaluation's order."""
+    from pipelines.evaluate import shuffled
+
+    cfg, prep = service["cfg"], service["prep"]
+    row = prep.candidates("test").iloc[3]
+    u, t, negs = int(row["user"]), int(row["target"]), [int(x) for x in row["negatives"]]
+    seq = [int(x) for x in prep.sequences.set_index("user").loc[u, "seq"]]
+    r = service["client"].post("/v1/recommend", json={"user_id": u, "candidates": [t, *negs], "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    items, scores = _offline(service, seq, u, shuffled(u, t, negs, cfg.seed), 5)
+    assert [x["item"] for x in body["items"]] == items
+    np.testing.assert_allclose([x["score"] for x in body["items"]], scores, rtol=1e-4, atol=1e-4)
+    assert body["n_candidates"] == 1 + len(negs) and body["mode"] == "rank"
+    titles = prep.items.set_index("item")["title"]
+    assert [x["title"] for x in body["items"]] == [titles[i] for i in items]
+
+
+def test_cf_candidates_and_anonymous_history(service):
+    from serve.app import candidate_order
+
+    cfg, prep, c = service["cfg"], service["prep"], service["client"]
+    # no candidates: the CF top-N outside the history
+    u = 0
+    seq = [int(x) for x in prep.sequences.set_index("user").loc[u, "seq"]]
+    body = c.post("/v1/recommend", json={"user_id": u, "k": 50}).json()
+    assert body["n_candidates"] == cfg.score.pool_size == len(body["items"])
+    with torch.no_grad():
+        from allmrec.artifacts import user_reps
+        s = service["cf"].item_embeddings() @ torch.from_numpy(user_reps(service["cf"], [np.asarray(seq)], [u])[0])
+    s[0] = -np.inf
+    s[seq] = -np.inf
+    assert {x["item"] for x in body["items"]} == set(torch.topk(s, cfg.score.pool_size).indices.tolist())
+    # an anonymous history: x_u without a user id, candidates in the history-seeded order
+    hist, cands = [3, 9, 4], [1, 2, 5, 6, 7]
+    body = c.post("/v1/recommend", json={"history": hist, "candidates": cands, "k": 3}).json()
+    items, _ = _offline(service, hist, None, candidate_order(cands, cfg.seed, None, hist), 3)
+    assert [x["item"] for x in body["items"]] == items
+    # a cold user (never seen by the CF model) is served from its recorded history
+    cold = prep.candidates("cold_users")
+    if len(cold):
+        r = c.post("/v1/recommend", json={"user_id": int(cold["user"].iloc[0]), "k": 2})
+        assert r.status_code == 200 and len(r.json()["items"]) == 2
+
+
+def test_new_item_by_text_is_ranked(service):
+    """A product given by title/description only: q = f_T^enc(SBERT(text)) stands in for e_i."""
+    from safetensors.torch import load_file
+
+    from allmrec.align.sbert import encode_texts, load_sbert
+    from allmrec.align.stage1 import Stage1Aligner
+    from allmrec.data.text import item_text
+    from allmrec.recommender import Example, LLMRecommender
+
+    cfg, rec, c = service["cfg"], service["rec"], service["client"]
+    new = {"id": "new-1", "title": "blue lamp deluxe", "description": "A <b>bright</b> camping lamp."}
+    body = c.post("/v1/recommend", json={"history": [3, 9, 4], "candidates": [1, 2, "new-1"], "new_items": [new],
+                                         "k": 3}).json()
+    assert "new-1" in [x["item"] for x in body["items"]] and body["n_candidates"] == 3
+    # offline: a second recommender whose catalogue has the new item as one more row
+    aligner = Stage1Aligner(16, 384, 16)
+    aligner.load_state_dict({k[len("aligner."):]: v for k, v in
+                             load_file(str(Path(cfg.run_dir) / "stage1" / "export.safetensors")).items()})
+    Q = encode_texts(load_sbert(cfg.encode.model), [item_text(new["title"], "A bright camping lamp.")])
+    with torch.no_grad():
+        q = aligner.text_enc(torch.from_numpy(Q)).numpy()
+    n = len(rec.titles)
+    rec2 = LLMRecommender(rec.llm, rec.tokenizer, [*rec.titles, new["title"]], cfg.data.domain,
+                          projector=rec.projector, item_vectors=np.vstack([rec.item_vectors.numpy(), q]),
+                          use_user_token=True, history_len=cfg.stage2.history_len)
+    from serve.app import candidate_order
+    order = candidate_order([1, 2, "new-1"], cfg.seed, None, [3, 9, 4])
+    ids = [n if x == "new-1" else x for x in order]
+    from allmrec.artifacts import user_reps
+    s = rec2.rank([Example(user_reps(service["cf"], [np.asarray([3, 9, 4])], None)[0], [3, 9, 4], ids)])[0]
+    want = {order[j]: float(s[j]) for j in range(3)}
+    got = {x["item"]: x["score"] for x in body["items"]}
+    assert got.keys() == want.keys()
+    for key in want:
+        assert abs(got[key] - want[key]) < 1e-3, (key, got, want)
+    assert len(rec.titles) == n  # the offline recommender was not touched
+
+
+def test_generate_mode(service):
+    body = service["client"].post("/v1/recommend", json={"user_id": 1, "mode": "generate", "k": 3}).json()
+    assert body["mode"] == "generate" and isinstance(body["generated"], str) and len(body["items"]) <= 1
+
+
+BAD = [
+    ({"user_id": 10**6}, 404),
+    ({"user_id": -1}, 422),
+    ({"user_id": "3"}, 422),
+    ({}, 422),
+    ({"user_id": 1, "history": [1]}, 422),
+    ({"history": []}, 422),
+    ({"history": [1] * 31}, 422),
+    ({"history": [0]}, 422),
+    ({"history": [10**6]}, 422),
+    ({"history": [1.5]}, 422),
+    ({"history": [1], "candidates": []}, 422),
+    ({"history": [1], "candidates": list(range(1, 14))}, 422),
+    ({"history": [1], "candidates": [2, 2]}, 422),
+    ({"history": [1], "candidates": [2, 10**6]}, 422),
+    ({"history": [1], "candidates": [2, "ghost"]}, 422),
+    ({"history": [1], "new_items": [{"id": "a", "title": "x"}, {"id": "a", "title": "y"}]}, 422),
+    ({"history": [1], "new_items": [{"id": "a"}]}, 422),
+    ({"history": [1], "new_items": [{"id": 5, "title": "x"}]}, 422),
+    ({"history": [1], "k": 0}, 422),
+    ({"history": [1], "mode": "beam"}, 422),
+    ({"history": [1], "surprise": True}, 422),
+]
+
+
+def test_bad_inputs_get_clear_4xx(service):
+    c = service["client"]
+    for body, status in BAD:
+        r = c.post("/v1/recommend", json=body)
+        assert r.status_code == status, (body, r.status_code, r.text)
+        assert r.json()["detail"], body
+    assert "unknown item ids" in c.post("/v1/recommend", json={"history": [10**6]}).json()["detail"]
+    r = c.post("/v1/recommend", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    r = c.post("/v1/recommend", content=b'{"history": [' + b"1, " * 40000 + b"1]}",
+               headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert c.get("/v1/recommend").status_code == 405
+    assert c.get("/v1/nothing").status_code == 404
+
+
+def test_batching_and_overload(service):
+    """A burst: answers equal the serial one (batched or not); beyond the bounded queues -> 503 +
+    Retry-After, never another 5xx; afterwards the service answers normally."""
+    c, url = service["client"], service["url"]
+    body = {"user_id": 2, "k": 4}
+    ref = c.post("/v1/recommend", json=body).json()["items"]
+
+    async def burst(n: int):
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=n)) as ac:
+            return await asyncio.gather(*[ac.post("/v1/recommend", json=body) for _ in range(n)])
+
+    rs = asyncio.run(burst(48))
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= 4 and codes.count(503) >= 1, codes
+    assert all(r.headers.get("retry-after") for r in rs if r.status_code == 503)
+    for r in rs:
+        if r.status_code == 200:
+            got = r.json()["items"]
+            assert [x["item"] for x in got] == [x["item"] for x in ref]
+            np.testing.assert_allclose([x["score"] for x in got], [x["score"] for x in ref], atol=1e-4)
+    assert c.get("/healthz").status_code == 200
+    assert c.post("/v1/recommend", json=body).json()["items"] == ref
+
+
+def test_shutdown_is_clean(service):
+    from ray import serve
+
+    from serve.app import APP_NAME
+    from serve.cli import stop
+
+    assert APP_NAME in serve.status().applications
+    stop()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(service["url"] + "/healthz", timeout=5)
+    stop()  # idempotent
+
+
+def test_config_yaml_is_a_valid_serve_config():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import app_builder
+
+    spec = yaml.safe_load((TESTS.parent / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(spec) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(spec)
+    (app,) = schema.applications
+    assert app.import_path == "serve.app:app_builder"
+    names = {d.name for d in app.deployments}
+    assert names == {"Ingress", "CF", "Aligner", "LLM"}
+    # the builder accepts the file's args (no replica starts: constructors run only when deployed)
+    args = dict(app.args)
+    args["config"] = str(TESTS.parent / args["config"])
+    assert app_builder(args) is not None
+    with pytest.raises(ValueError, match="unknown application args"):
+        app_builder({"confg": "x"})
