@@ -51,6 +51,12 @@ def init_ray(cfg: Config):
     return ray
 
 
+def quiet_worker_logs() -> None:
+    """Inside Ray Train workers: keep our progress lines, drop Ray's per-report INFO chatter."""
+    for noisy in ("ray.train", "ray.data", "ray.tune", "deepspeed", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("ALLMREC_CACHE", Path.home() / ".cache" / "allmrec"))
 

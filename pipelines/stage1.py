@@ -98,6 +98,8 @@ def train_func(config: dict) -> None:
     from allmrec.cf.data import sample_negatives
     from pipelines import engine as eng
 
+    from pipelines.common import quiet_worker_logs
+    quiet_worker_logs()
     cfg = config_from_dict(config["cfg"])
     s1 = cfg.stage1
     torch.set_num_threads(config["threads"])

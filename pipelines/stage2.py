@@ -74,6 +74,8 @@ def train_func(config: dict) -> None:
     from allmrec.recommender import Example, LLMRecommender, Stage2Module, build_projector
     from pipelines import engine as eng
 
+    from pipelines.common import quiet_worker_logs
+    quiet_worker_logs()
     cfg = config_from_dict(config["cfg"])
     s2 = cfg.stage2
     torch.set_num_threads(config["threads"])
@@ -130,7 +132,9 @@ def train_func(config: dict) -> None:
                 print(f"[stage2] epoch {epoch} step {n_steps}/{-(-n_rows // s2.batch_size)} "
                       f"loss {total / n_steps:.4f} ({(time.perf_counter() - t0) / n_steps:.2f} s/step)", flush=True)
         dt = time.perf_counter() - t0
-        rec_m = {"epoch": epoch, "loss": total / max(n_steps, 1), "seconds": round(dt, 2),
+        agg = torch.tensor([total, float(n_steps)], dtype=torch.float64)
+        dist.all_reduce(agg)  # the mean loss over every rank's steps, the same on all ranks
+        rec_m = {"epoch": epoch, "loss": float(agg[0] / max(agg[1], 1.0)), "seconds": round(dt, 2),
                  "users_per_s": round(n_rows * dist.get_world_size() / max(dt, 1e-9), 3),
                  "llm_params_full": all_counts[0]["full"],
                  "llm_params_local_per_rank": [c["local"] for c in all_counts]}

@@ -76,6 +76,8 @@ def train_func(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from pipelines.common import quiet_worker_logs
+    quiet_worker_logs()
     cfg = config_from_dict(config["cfg"])
     c = cfg.cf
     torch.set_num_threads(config["threads"])
