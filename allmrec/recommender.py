@@ -42,18 +42,33 @@ def shuffled_candidates(target: int, negatives: Sequence[int], rng: np.random.Ge
     return cands
 
 
+def standardize_items(v: np.ndarray) -> np.ndarray:
+    """Per-dimension standardization over the catalogue (rows 1..n; row 0 = padding stays 0).
+
+    Why: Stage-1's sigmoid encoder puts every e_i near 0.5 with item-to-item spread ~0.01 (measured on
+    ML-100K), so F_I's output was ~99.9% the same vector for every item: the item soft tokens carried
+    almost no item identity. Standardizing keeps all the information (an affine map fixed by the
+    catalogue) and lets F_I see the differences between items from its first step.
+    """
+    v = np.asarray(v, dtype=np.float32)
+    mu, sd = v[1:].mean(0, keepdims=True), v[1:].std(0, keepdims=True)
+    out = (v - mu) / (sd + 1e-6)
+    out[0] = 0.0
+    return out.astype(np.float32)
+
+
 def item_vector_table(variant: str, e: np.ndarray | None, q: np.ndarray | None, E: np.ndarray | None,
                       seed: int = 0) -> np.ndarray | None:
     """(n_items + 1, dim) vectors fed to F_I for the variant, indexed by item id; None for 'none'."""
     if variant == "joint":
-        return e
+        return standardize_items(e)
     if variant == "sbert":
-        return q
+        return standardize_items(q)
     if variant == "mlp":
-        return E
+        return standardize_items(E)
     if variant == "random":
         rng = np.random.default_rng(seed)
-        return rng.random(e.shape, dtype=np.float32)  # same range as the sigmoid-bounded e_i
+        return standardize_items(rng.random(e.shape, dtype=np.float32))
     if variant == "none":
         return None
     raise ValueError(f"unknown item token variant {variant!r}; expected one of {ITEM_TOKEN_VARIANTS}")

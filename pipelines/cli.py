@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.job == "encode":
             from pipelines import encode
             print(encode.summary(encode.encode(cfg, force=args.force)))
+        elif args.job == "serve":
+            # the service is its own package (pipelines/ never imports serve/): hand over the process
+            import os
+            cmd = [sys.executable, "-m", "serve"] + (["--config", args.config] if args.config else []) + overrides
+            os.execv(sys.executable, cmd)
         elif args.job == "run":
             from pipelines import run
             run.run(cfg, force=args.force, serve=not args.no_serve)

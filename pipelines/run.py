@@ -47,23 +47,50 @@ def run(cfg: Config, force: bool = False, serve: bool = True) -> dict[str, str]:
 
 
 def _serve_demo(cfg: Config) -> None:
-    """Start the Ray Serve application, make one real request over HTTP, print the answer, stop."""
+    """Start the Ray Serve application, make one real request over HTTP, print the answer, stop.
+
+    The service runs in its own process (`python -m serve`): pipelines/ never imports serve/. It attaches
+    to this job's Ray cluster through RAY_ADDRESS.
+    """
     import json
+    import os
+    import signal
+    import subprocess
+    import sys
 
     import httpx
+    import ray
 
     from allmrec.data.load import Prepared
-    from serve.cli import start, stop
 
-    url = start(cfg, blocking=False)
+    cfg_path = Path(cfg.run_dir).resolve() / "serve_config.yaml"
+    cfg.dump(cfg_path)
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--config", str(cfg_path)], env=env)
+    url = f"http://127.0.0.1:{cfg.serve.port}"
     try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the service exited with code {proc.returncode}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        else:
+            raise TimeoutError("the service did not come up within 10 minutes")
         prep = Prepared(Path(cfg.run_dir) / "data")
         user = int(prep.sequences["user"].iloc[0])
         body = {"user_id": user, "k": 5}
         r = httpx.post(f"{url}/v1/recommend", json=body, timeout=300)
         print(f"\nPOST {url}/v1/recommend {json.dumps(body)} -> {r.status_code}")
-        print(json.dumps(r.json(), indent=2)[:2000])
+        print(json.dumps(r.json(), indent=2)[:3000])
     finally:
-        stop()
-    print(f"\nserve it yourself: allmrec serve --config <this config> run_dir={cfg.run_dir}  "
-          f"(OpenAPI docs at {url}/docs)")
+        proc.send_signal(signal.SIGINT)  # the service shuts Serve down on Ctrl-C
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    print(f"\nserve it yourself: allmrec serve --config {cfg_path}  (OpenAPI docs at {url}/docs)")
