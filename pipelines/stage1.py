@@ -219,6 +219,10 @@ def stage1(cfg: Config, force: bool = False, fail_at_epoch: int | None = None) -
     items_ds = ray.data.read_parquet(str(data_dir / schema.ITEMS), columns=["item", "text"])
     cf_files = _bundle(cf_dir)
     cores = os.cpu_count() or 1
+    run_name = f"stage1-{fp}"
+    if force:  # a forced rerun starts fresh: Ray Train would otherwise resume the finished run
+        import shutil
+        shutil.rmtree(run_path(cfg, "ray_results", run_name), ignore_errors=True)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.to_dict(), "cf_files": cf_files, "fail_at_epoch": fail_at_epoch,
@@ -228,7 +232,7 @@ def stage1(cfg: Config, force: bool = False, fail_at_epoch: int | None = None) -
         torch_config=TorchConfig(backend="nccl" if s1.use_gpu else "gloo"),
         datasets={"train": train_ds, "items": items_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(name=f"stage1-{fp}", storage_path=str(run_path(cfg, "ray_results")),
+        run_config=RunConfig(name=run_name, storage_path=str(run_path(cfg, "ray_results")),
                              failure_config=FailureConfig(max_failures=cfg.cf.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

@@ -186,6 +186,10 @@ def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
         "n_items": prep.n_items, "n_negatives": cfg.data.n_negatives, "seed": cfg.seed})
     items_ds = ray.data.read_parquet(str(data_dir / schema.ITEMS), columns=["item", "title"])
     cores = os.cpu_count() or 1
+    run_name = f"stage2-{fp}"
+    if force:  # a forced rerun starts fresh: Ray Train would otherwise resume the finished run
+        import shutil
+        shutil.rmtree(run_path(cfg, "ray_results", run_name), ignore_errors=True)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.to_dict(), "cf_files": cf_files, "item_vectors": vectors,
@@ -196,7 +200,7 @@ def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
         torch_config=TorchConfig(backend="nccl" if s2.use_gpu else "gloo"),
         datasets={"train": train_ds, "items": items_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(name=f"stage2-{fp}", storage_path=str(run_path(cfg, "ray_results")),
+        run_config=RunConfig(name=run_name, storage_path=str(run_path(cfg, "ray_results")),
                              failure_config=FailureConfig(max_failures=cfg.cf.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

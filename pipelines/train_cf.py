@@ -174,6 +174,10 @@ def train_cf(cfg: Config, force: bool = False, fail_at_epoch: int | None = None)
     valid_ds = ray.data.read_parquet(str(data_dir / schema.CAND_VALID)).map_batches(
         _valid_rows, batch_format="pyarrow")
     cores = os.cpu_count() or 1
+    run_name = f"train_cf-{c.model}-{fp}"
+    if force:  # a forced rerun starts fresh: Ray Train would otherwise resume the finished run
+        import shutil
+        shutil.rmtree(run_path(cfg, "ray_results", run_name), ignore_errors=True)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.to_dict(), "n_items": prep.n_items, "n_users": prep.n_train_users,
@@ -184,7 +188,7 @@ def train_cf(cfg: Config, force: bool = False, fail_at_epoch: int | None = None)
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         datasets={"train": train_ds, "valid": valid_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(name=f"train_cf-{c.model}-{fp}", storage_path=str(run_path(cfg, "ray_results")),
+        run_config=RunConfig(name=run_name, storage_path=str(run_path(cfg, "ray_results")),
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
