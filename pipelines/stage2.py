@@ -162,7 +162,7 @@ def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
     out_dir = stage2_dir(cfg)
     fp = fingerprint({"data": m["fingerprint"], "cf": mcf["fingerprint"], "stage1": ms1["fingerprint"],
                       "seed": cfg.seed, "stage2": cfg.to_dict()["stage2"] | {"num_workers": None, "use_gpu": None},
-                      "ds": ds_overrides})
+                      "ds": ds_overrides, "item_vectors": "standardized-v2"})  # bump when F_I's inputs change
     if not force and is_complete(out_dir, fp):
         log.info("stage2: %s is up to date; use --force to retrain", out_dir)
         return out_dir
