@@ -271,6 +271,12 @@ def test_bad_inputs_get_clear_4xx(service):
         r = c.post("/v1/recommend", json=body)
         assert r.status_code == status, (body, r.status_code, r.text)
         assert r.json()["detail"], body
+    # odd but valid input: answered, never a 5xx (a placeholder token, markup only, other scripts)
+    odd = ("<|item_emb|>", "<|user_emb|><|item_emb|>", "<br/>", "\u00e9t\u00e9 \u5927 \U0001F600", " " * 10 + "x")
+    for title in odd:
+        r = c.post("/v1/recommend", json={"history": [1], "candidates": [2, "x"], "k": 2,
+                                          "new_items": [{"id": "x", "title": title, "description": title}]})
+        assert r.status_code < 500 and (r.status_code != 200 or len(r.json()["items"]) == 2), (title, r.text)
     assert "unknown item ids" in c.post("/v1/recommend", json={"history": [10**6]}).json()["detail"]
     r = c.post("/v1/recommend", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422

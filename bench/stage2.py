@@ -1,0 +1,273 @@
+"""Benchmark: Stage-2 training steps (projectors in front of the frozen LLM), ours vs the paper's way.
+
+    python -m bench.stage2            # 24 users (6 steps of 4) per configuration, + Ray Train 1 vs 2 workers
+    python -m bench.stage2 --quick    # 8 users, no Ray Train runs
+
+All on the prepared amazon-scientific set (/tmp/bench_sci), the packaged SmolLM2-135M-Instruct in fp32 on
+the CPU, batch 4, Adam lr 1e-4 over the projectors, the same users / candidates / projector initialisation
+in both; each configuration in its own process (its own peak RSS), 2 torch threads, one untimed warm-up
+step, then every batch timed. The prompt is A-LLMRec's (user token, 10 history + 20 candidate titles each
+with an item soft token). Item vectors: the Stage-1 joint embeddings of /tmp/bench_sci when they exist,
+else seeded random vectors of the same size (speed does not depend on their values).
+
+OURS: `LLMRecommender.batch` + `stage2_loss`: every title cut to `max_title_tokens`=16 tokens, logits
+computed only at the target positions (`logits_to_keep`).
+BASELINE (the same model, projector, prompt builder and examples): full titles (no cut), the LLM called
+without `logits_to_keep` (logits over the whole prompt, as a plain `model(inputs_embeds=...)` call or HF's
+`labels=` loss does) and the cross-entropy taken on the target positions of those full logits.
+RAY TRAIN (full runs): `pipelines.stage2.stage2` (DeepSpeed ZeRO-3, gloo) with 1 and 2 workers on a few
+users, users/s from its metrics.json (the epoch loop only, measured by the workers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench._stages_common import (SCI_RUN, child_main, ensure_scientific, load_cf, ratio, run_child, sci_config,
+                                  wait_for_load)
+from bench.common import machine, table, write_results
+
+REFERENCE_USERS_PER_S = 0.11  # the reference code on this machine class (PAPER.md), context only
+REFERENCE_PROMPT_TOKENS = 851
+
+
+# ----------------------------------------------------------------------------- child side
+
+def examples(cfg, prep, n_users: int) -> dict[str, np.ndarray]:
+    """Stage-2 training examples of `n_users` seeded users, exactly as the pipeline builds them."""
+    import pyarrow as pa
+
+    from pipelines.stage2 import _train_examples
+    seqs = prep.sequences
+    rng = np.random.default_rng(cfg.seed)
+    ok = np.flatnonzero([len(s) >= 4 for s in seqs["seq"]])  # >= 2 training items
+    pick = np.sort(rng.choice(ok, n_users, replace=False))
+    block = pa.table({"user": seqs["user"].to_numpy()[pick], "seq": [list(map(int, seqs["seq"][i])) for i in pick]})
+    return _train_examples(block, prep.n_items, cfg.data.n_negatives, cfg.seed)
+
+
+def item_vectors(cfg, n_items: int) -> tuple[np.ndarray, str]:
+    from allmrec.artifacts import load_joint_embeddings
+    if (SCI_RUN / "stage1" / "manifest.json").is_file():
+        e, _ = load_joint_embeddings(SCI_RUN)
+        return e, "Stage-1 joint embeddings"
+    rng = np.random.default_rng(cfg.seed)
+    return rng.random((n_items + 1, cfg.stage1.latent), dtype=np.float32), "seeded random (no Stage-1 run)"
+
+
+def full_logits_loss(llm, rec, b):
+    """The paper's way: logits at every position of prompt + target, CE over the target positions."""
+    import torch.nn.functional as F
+
+    from allmrec.llm.prompt import IGNORE, lm_forward
+    logits, _ = lm_forward(llm, rec.embeds(b), b["attention_mask"], logits_to_keep=0)  # 0: all positions
+    V = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, V), b["labels"][:, 1:].reshape(-1), ignore_index=IGNORE)
+
+
+def run_config(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec["impl"] == "ray":
+        return run_ray(spec)
+    import torch
+
+    from allmrec.artifacts import item_titles, user_reps
+    from allmrec.data.load import Prepared
+    from allmrec.llm.loading import load_llm
+    from allmrec.recommender import Example, LLMRecommender, build_projector
+
+    torch.set_num_threads(spec["threads"])
+    cfg = sci_config()
+    s2 = cfg.stage2
+    prep = Prepared(SCI_RUN / "data")
+    cf, cf_desc = load_cf(cfg, prep)
+    ex = examples(cfg, prep, spec["users"])
+    vectors, vec_desc = item_vectors(cfg, prep.n_items)
+    t0 = time.perf_counter()
+    llm, tok = load_llm(s2.llm, dtype=torch.float32)
+    load_s = time.perf_counter() - t0
+    torch.manual_seed(cfg.seed)
+    projector = build_projector("joint", True, cf.hidden, vectors.shape[1], llm.config.hidden_size)
+    ours = spec["impl"] == "ours"
+    rec = LLMRecommender(llm, tok, item_titles(prep), cfg.data.domain, projector=projector, item_vectors=vectors,
+                         use_user_token=True, history_len=s2.history_len,
+                         max_title_tokens=s2.max_title_tokens if ours else 1_000_000)
+    reps = user_reps(cf, list(ex["hist"]), ex["user"])
+    exs = [Example(reps[j], ex["hist"][j], ex["cands"][j], int(ex["target"][j])) for j in range(len(ex["user"]))]
+    opt = torch.optim.Adam(projector.parameters(), lr=s2.lr)
+    projector.train()
+    lens, padded = [], []
+
+    def step(batch_exs) -> float:
+        b = rec.batch(batch_exs, with_target=True)
+        lens.extend(b["attention_mask"].sum(1).tolist())
+        padded.append(int(b["attention_mask"].shape[1]))
+        opt.zero_grad(set_to_none=True)
+        if ours:
+            loss = _ours_loss(rec, b)
+        else:
+            loss = full_logits_loss(llm, rec, b)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    bs = spec["batch"]
+    batches = [exs[i:i + bs] for i in range(0, len(exs), bs)]
+    out: dict[str, Any] = {"cf": cf_desc, "item_vectors": vec_desc, "llm_load_s": round(load_s, 2)}
+    if ours:  # both losses on one batch must agree when the titles are the same (same maths, fewer logits)
+        with torch.no_grad():
+            b = rec.batch(batches[0], with_target=True)
+            out["loss_check_abs_diff"] = float(abs(_ours_loss(rec, b) - full_logits_loss(llm, rec, b)))
+    t0 = time.perf_counter()
+    step(batches[0])  # warm-up
+    out["warmup_s"] = round(time.perf_counter() - t0, 2)
+    lens.clear()
+    padded.clear()
+    times, cpu, losses, n = [], [], [], 0
+    for bx in batches:
+        t0, c0 = time.perf_counter(), time.process_time()
+        losses.append(step(bx))
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        n += len(bx)
+        if sum(times) > spec["time_cap_s"]:
+            break
+    loop = float(sum(times))
+    out.update({"users": n, "users_planned": len(exs), "steps": len(times), "capped": n < len(exs),
+                "loop_s": round(loop, 2), "users_per_s": round(n / loop, 4), "cpu_s": round(sum(cpu), 2),
+                "users_per_cpu_s": round(n / sum(cpu), 4),
+                "step_s_median": round(float(np.median(times)), 2),
+                "prompt_tokens_mean": round(float(np.mean(lens)), 1), "prompt_tokens_max": int(np.max(lens)),
+                "padded_len_mean": round(float(np.mean(padded)), 1), "final_loss": round(losses[-1], 4),
+                "max_title_tokens": s2.max_title_tokens if ours else None, "threads": torch.get_num_threads()})
+    return out
+
+
+def _ours_loss(rec, b):
+    from allmrec.llm.stage2 import stage2_loss
+    return stage2_loss(rec.llm, rec.projector, b, b.get("user_reps"), b.get("item_embs"), rec.prompts.placeholders)
+
+
+def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
+    """pipelines.stage2 on a throw-away run folder that links to /tmp/bench_sci's data and CF model."""
+    from pipelines.common import init_ray
+    from pipelines.stage2 import stage2
+    run = Path(tempfile.mkdtemp(prefix="bench-s2-ray-"))
+    try:
+        for part in ("data", "cf"):
+            (run / part).symlink_to(SCI_RUN / part)
+        cfg = sci_config(f"run_dir={run}", f"stage2.num_workers={spec['workers']}", "stage2.epochs=1",
+                         f"stage2.max_users={spec['users']}", "stage2.item_tokens=mlp")
+        t0 = time.perf_counter()
+        init_ray(cfg)
+        ray_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out_dir = stage2(cfg, force=True)
+        wall = time.perf_counter() - t0
+        metrics = json.loads((out_dir / "metrics.json").read_text())
+        h = metrics["history"][-1]
+        return {"workers": spec["workers"], "users": spec["users"], "users_per_s": h["users_per_s"],
+                "epoch_s": h["seconds"], "loss": round(h["loss"], 4), "ray_start_s": round(ray_s, 1),
+                "stage2_call_s": round(wall, 1), "llm_params_full": h.get("llm_params_full"),
+                "llm_params_local_per_rank": h.get("llm_params_local_per_rank"), "item_tokens": "mlp"}
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- driver
+
+PLANS = {"baseline": {"impl": "baseline"}, "ours": {"impl": "ours"},
+         "ray_1": {"impl": "ray", "workers": 1}, "ray_2": {"impl": "ray", "workers": 2}}
+
+LABELS = {
+    "baseline": "baseline: full titles, logits over the whole prompt",
+    "ours": "ours: titles cut to 16 tokens, logits on target positions only",
+    "ray_1": "Ray Train + DeepSpeed ZeRO-3, 1 worker (2 threads)",
+    "ray_2": "Ray Train + DeepSpeed ZeRO-3, 2 workers (1 thread each)",
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if child_main(argv, run_config):
+        return {}
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="8 users, no Ray Train runs")
+    ap.add_argument("--users", type=int, default=None)
+    ap.add_argument("--ray-users", type=int, default=16, help="stage2.max_users of the Ray Train runs")
+    ap.add_argument("--ray", dest="ray", action="store_true", default=None, help="run the Ray Train comparison")
+    ap.add_argument("--no-ray", dest="ray", action="store_false")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--time-cap", type=float, default=240.0, help="stop a timed loop after this many seconds")
+    ap.add_argument("--configs", default=None, help="comma-separated subset of baseline,ours,ray_1,ray_2")
+    ap.add_argument("--max-load", type=float, default=4.0)
+    ap.add_argument("--max-wait", type=float, default=600.0)
+    args = ap.parse_args(argv)
+    users = args.users or (8 if args.quick else 24)
+    with_ray = (not args.quick) if args.ray is None else args.ray
+
+    names = args.configs.split(",") if args.configs else \
+        ["baseline", "ours"] + (["ray_1", "ray_2"] if with_ray else [])
+    prep_info = ensure_scientific(train_cf=any(n.startswith("ray") for n in names))  # Ray needs a CF artifact
+    budget = {"left": args.max_wait}
+    res: dict[str, Any] = {"benchmark": "stage2", "quick": args.quick, "machine": machine(), "prepared": prep_info,
+                           "settings": {"users": users, "batch": 4, "threads": args.threads,
+                                        "llm": sci_config().stage2.llm,
+                                        "dtype": "float32", "ray_users": args.ray_users},
+                           "reference_context": {"users_per_s": REFERENCE_USERS_PER_S,
+                                                 "prompt_tokens_mean": REFERENCE_PROMPT_TOKENS}, "runs": {}}
+    plan = [(n, PLANS[n]) for n in names]
+    for name, spec in plan:
+        spec = {**spec, "users": args.ray_users if spec["impl"] == "ray" else users, "batch": 4,
+                "threads": args.threads, "time_cap_s": args.time_cap}
+        gate = wait_for_load(args.max_load, budget)
+        print(f"[stage2] {name} (load {gate['load_at_start']})", flush=True)
+        try:
+            r = run_child("bench.stage2", spec, timeout=1200, include_ray=spec["impl"] == "ray")
+        except RuntimeError as e:
+            if spec["impl"] != "ray":
+                raise
+            # a shared machine can run out of memory (Ray's memory monitor kills the worker): record it
+            res.setdefault("failed", {})[name] = str(e)[-1500:]
+            print(f"  failed: {str(e)[:300]}", flush=True)
+            continue
+        r.update(gate)
+        res["runs"][name] = r
+        print(f"  {r['users_per_s']} users/s, peak RSS {r['peak_rss_gib']} GiB", flush=True)
+
+    runs = res["runs"]
+    base = runs.get("baseline", {})
+    rows = []
+    for name, r in runs.items():
+        if not name.startswith("ray"):
+            r["speedup_vs_baseline"] = ratio(r["users_per_s"], base.get("users_per_s"))
+            r["cpu_speedup_vs_baseline"] = ratio(r["users_per_cpu_s"], base.get("users_per_cpu_s"))
+        rows.append({"configuration": LABELS[name], "users": r["users"], "users/s": r["users_per_s"],
+                     "x baseline": r.get("speedup_vs_baseline"), "users/CPU-s": r.get("users_per_cpu_s"),
+                     "x baseline (CPU)": r.get("cpu_speedup_vs_baseline"),
+                     "prompt tokens (mean)": r.get("prompt_tokens_mean"), "peak RSS GiB": r["peak_rss_gib"],
+                     "load 1m": r["load_at_start"][0]})
+    if "ray_1" in runs and "ray_2" in runs:
+        res["ray_2_vs_1"] = ratio(runs["ray_2"]["users_per_s"], runs["ray_1"]["users_per_s"])
+    res["machine_end"] = {"loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
+    tbl = table(rows, ["configuration", "users", "users/s", "x baseline", "users/CPU-s", "x baseline (CPU)",
+                       "prompt tokens (mean)", "peak RSS GiB", "load 1m"])
+    res["table"] = tbl
+    print(tbl)
+    print(f"(context only: the reference code measured {REFERENCE_USERS_PER_S} users/s, prompts of "
+          f"{REFERENCE_PROMPT_TOKENS} tokens on average)")
+    path = write_results("stage2_quick" if args.quick else "stage2", res)
+    print(f"-> {path}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
