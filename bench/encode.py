@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "items_per_s_incl_load": round(n / wall, 1), "wall_s": round(wall, 2),
                          "peak_rss_gib": runs[f"ray_{actors}"]["peak_rss_gib"], "max_abs_diff": diff})
         b = runs["baseline"]
-        ratios = {f"ray_{k}_actor_over_baseline_encode_only": round((n / runs[f"ray_{k}"]["wall_s"]) / b["items_per_s"], 2)
-                  for k in (1, 2)}
+        ratios = {f"ray_{k}_actor_over_baseline_encode_only":
+                  round((n / runs[f"ray_{k}"]["wall_s"]) / b["items_per_s"], 2) for k in (1, 2)}
         ratios |= {f"ray_{k}_actor_over_baseline_with_load": round((n / runs[f"ray_{k}"]["wall_s"])
                                                                    / b["items_per_s_with_load"], 2) for k in (1, 2)}
         if "baseline_1thread" in runs:
@@ -141,12 +141,12 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"benchmark": "encode", "quick": a.quick, "machine": mach, "items": n, "model": MODEL,
                   "batch_size": a.batch_size, "runs": runs, "ratios": ratios, "loadavg_end": loadavg()}
         print()
-        print(table(rows, ["impl", "actors", "threads", "items_per_s", "items_per_s_incl_load", "wall_s", "peak_rss_gib",
-                           "max_abs_diff"]))
+        print(table(rows, ["impl", "actors", "threads", "items_per_s", "items_per_s_incl_load", "wall_s",
+                           "peak_rss_gib", "max_abs_diff"]))
         print(f"\nRay start-up (once, not in the rows above): {startup:.1f} s; baseline model load {b['load_s']} s")
         print(f"ratios (items/s, ours / baseline): {ratios}")
         print(f"load average at the end: {result['loadavg_end']}")
-        path = write_results("encode_quick" if a.quick else "encode", result)
+        path = write_results(f"encode_{n}" if a.items else "encode_quick" if a.quick else "encode", result)
         print(f"wrote {path}")
         return result
     finally:

@@ -7,13 +7,15 @@ The data set is real Amazon Sports (35,598 users / 18,357 items / 296,337 intera
 copy c of every user is a new user `u<c>_<id>`; copies are put in groups of `--group-size` and every
 group gets its own copy of the catalogue (item `<asin>-g<group>`, with the same text), so users of one
 group share items (the co-occurrence structure of the real set is kept) and the catalogue grows with
-the data (14 copies in groups of 4: 4 x 18,357 = 73k items, near Movies-and-TV's 60k). The source is
+the data (3.4M: 13 copies in groups of 4, 4 x 18,357 = 73k items; Movies-and-TV has ~60k). The source is
 already a 5-core, so exact copies would pass the k-core untouched; each copy therefore drops every
 interaction with probability `--thin` (0.1, seeded), which leaves users below 5 interactions (and some
 with exactly 3: the cold-user rule) and items below 5, so the k-core and cold-user steps do real work.
-The last copy is cut so the total lands on the target. Each implementation runs in its own child process, one after the
-other; the peak memory of that child's whole process tree (Ray's GCS, raylet and workers included)
-is sampled from this process, so neither run's leftovers count against the other.
+The last copy is cut so the total lands on the target.
+
+Each implementation runs in its own child process, one after the other; the peak memory of that
+child's whole process tree (Ray's GCS, raylet and workers included) is sampled from this process, so
+neither run's leftovers count against the other.
 """
 from __future__ import annotations
 
@@ -44,8 +46,8 @@ def build_scaled(src: Path, dest: Path, target: int, group_size: int = 4, thin: 
     """Write `dest/user_sequence.txt` + item texts with `target` interactions (see module doc)."""
     if not 0 <= thin < 1:
         raise ValueError(f"thin must be in [0, 1), got {thin}")
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if group_size < 1 or target < 1:
+        raise ValueError(f"group_size and target must be >= 1, got {group_size} and {target}")
     rng = np.random.default_rng(seed)
     if not (src / INTER).is_file():
         raise FileNotFoundError(f"{src / INTER} not found: the shared amazon-sports data is needed")
@@ -180,7 +182,8 @@ def pandas_prepare(data: Path, out: Path, k: int = 5, n_negatives: int = 19, see
         else:
             tneg = sample_negatives(user_rng(seed, u, STREAM_TEST), n_items, s, n_negatives)
             vneg = sample_negatives(user_rng(seed, u, STREAM_VALID), n_items, s, n_negatives)
-            for c, v in zip(("user", "seq", "vt", "vneg", "tt", "tneg"), (uid[u], s, int(s[-2]), vneg, int(s[-1]), tneg)):
+            for c, v in zip(("user", "seq", "vt", "vneg", "tt", "tneg"),
+                            (uid[u], s, int(s[-2]), vneg, int(s[-1]), tneg)):
                 reg_rows[c].append(v)
     train = np.concatenate([s[:-2] for s in reg_rows["seq"]])
     train_counts = np.bincount(train, minlength=n_items + 1)[1:]
@@ -396,7 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"target (ours <= {TARGET_S:.0f} s and <= {TARGET_GIB} GiB summed RSS): wall "
                   f"{'met' if t['wall_met'] else 'NOT met'}, memory {'met' if t['memory_met'] else 'NOT met'}")
         print(f"load average at the end: {result['loadavg_end']}")
-        path = write_results("prepare_quick" if a.quick else "prepare", result)
+        name = f"prepare_{target}" if a.target else "prepare_quick" if a.quick else "prepare"
+        path = write_results(name, result)
         print(f"wrote {path}")
         return result
     finally:

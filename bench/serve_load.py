@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=8, help="LLM max batch size (served and offline)")
     ap.add_argument("--burst", type=int, default=24, help="simultaneous requests of the overload run (0: skip)")
     ap.add_argument("--max-seconds", type=float, default=300, help="per level: no new request after this")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the LLM, served (replica CPUs) and offline alike (1: see docs)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
 
@@ -120,12 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
     for part in ("data", "cf", "stage1", "stage2"):
         if not os.path.isdir(os.path.join(cfg.run_dir, part)):
             raise SystemExit(f"{cfg.run_dir}/{part} not found: this benchmark needs a trained run folder")
-    cores = os.cpu_count() or 1
     levels = [int(x) for x in args.levels.split(",")]
     tuning = {"max_batch_size": args.batch, "llm_max_ongoing": args.batch, "llm_max_queued": args.batch,
-              "llm_num_cpus": float(cores), "ingress_max_ongoing": 4 * args.batch, "ingress_max_queued": 4 * args.batch}
+              "llm_num_cpus": float(args.threads), "ingress_max_ongoing": 4 * args.batch,
+              "ingress_max_queued": 4 * args.batch}
     reqs = _requests(cfg, args.requests)
     result: dict = {"machine": machine(), "requests": len(reqs), "levels": levels, "batch": args.batch,
+                    "threads": args.threads,
                     "tuning": tuning, "run_dir": cfg.run_dir, "llm": cfg.stage2.llm, "rows": []}
 
     with PeakRSS() as mem:
@@ -143,15 +146,17 @@ def main(argv: list[str] | None = None) -> dict:
                 rs = asyncio.run(_burst(url, reqs[0], args.burst))
                 import httpx
                 after = httpx.post(url + "/v1/recommend", json=reqs[0], timeout=600).status_code
+                codes = [r.status_code for r in rs]
                 burst = {"n": args.burst, "seconds": round(time.perf_counter() - t, 1),
-                         "codes": {str(k): [r.status_code for r in rs].count(k) for k in sorted({r.status_code for r in rs})},
-                         "retry_after_on_all_503": all(r.headers.get("retry-after") for r in rs if r.status_code == 503),
+                         "codes": {str(k): codes.count(k) for k in sorted(set(codes))},
+                         "retry_after_on_all_503": all(r.headers.get("retry-after") for r in rs
+                                                       if r.status_code == 503),
                          "healthz_after": httpx.get(url + "/healthz", timeout=30).status_code, "request_after": after}
                 print(f"burst: {burst}", flush=True)
         finally:
             stop()
         # offline after the service is down: the two never compete for the cores
-        torch.set_num_threads(cfg.torch_threads or cores)
+        torch.set_num_threads(args.threads)
         off = _offline(cfg, reqs, args.batch)
     result.update(mem.result())
     result["offline"] = {k: {"seconds": round(v["seconds"], 2), "per_request_s": round(v["seconds"] / len(reqs), 3),

@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{runs['ray_startup_s']} s")
         print(f"ratios: {ratios}")
         print(f"load average at the end: {result['loadavg_end']}")
-        path = write_results("train_cf_quick" if a.quick else "train_cf", result)
+        name = f"train_cf_{epochs}ep" if a.epochs else "train_cf_quick" if a.quick else "train_cf"
+        path = write_results(name, result)
         print(f"wrote {path}")
         return result
     finally:
