@@ -164,23 +164,45 @@ class CFDeployment:
 
 
 # ------------------------------------------------------------------------------------------ Aligner
+def fit_item_map(raw: np.ndarray, table: np.ndarray, atol: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) per dimension with table[1:] == raw[1:] * scale + shift, fitted by least squares
+    and verified exactly: the preprocessing `item_vector_table` applies to catalogue vectors (today a
+    standardization over the catalogue), reproduced for new items without copying its formula. Raises
+    if that preprocessing is not a per-dimension affine map."""
+    x, y = raw[1:].astype(np.float64), table[1:].astype(np.float64)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    var = (xc * xc).mean(0)
+    scale = np.where(var > 0, (xc * yc).mean(0) / np.where(var > 0, var, 1), 0.0)
+    shift = y.mean(0) - scale * x.mean(0)
+    err = float(np.abs(x * scale + shift - y).max()) if len(x) else 0.0
+    if err > atol * max(1.0, float(np.abs(y).max())):
+        raise ValueError(f"the item vectors F_I reads are not a per-dimension affine map of the stage-1 vectors "
+                         f"(residual {err:.2e}): serve/app.py cannot place new items; update fit_item_map")
+    return scale.astype(np.float32), shift.astype(np.float32)
+
+
 @serve.deployment(name="Aligner", max_ongoing_requests=8)
 class AlignerDeployment:
     """Stage-1 text side for new items: the fine-tuned SBERT (base model + the exported layers, rebuilt
-    as stage1's JointEmbedder does) -> f_T^enc. At start it re-embeds a few catalogue texts and checks
-    them against q_i in stage1/joint_emb.parquet: a wrong rebuild would put new items in another space."""
+    as stage1's JointEmbedder does) -> f_T^enc -> q, then the same preprocessing the catalogue's vectors
+    get before F_I (`fit_item_map`), so a new item's vector is in the table the LLM deployment reads.
+    At start it re-embeds a few catalogue texts and checks them against q_i of stage1/joint_emb.parquet:
+    a wrong rebuild would put new items in another space."""
 
     CHECK_ITEMS = 8
     CHECK_TOL = 1e-3
 
-    def __init__(self, cfg_dict: dict, threads: float = 1):
+    def __init__(self, cfg_dict: dict, item_tokens: str, threads: float = 1):
         from safetensors.torch import load as st_load
 
         from allmrec.align.sbert import TextEncoder, load_sbert
         from allmrec.align.stage1 import Stage1Aligner, Stage1Model
         from allmrec.artifacts import load_joint_embeddings, run_dir
         from allmrec.data.load import Prepared
+        from allmrec.recommender import item_vector_table
 
+        if item_tokens not in ("joint", "sbert"):
+            raise ValueError(f"the Aligner serves item_tokens joint|sbert, not {item_tokens!r}")
         cfg = config_from_dict(cfg_dict)
         _threads(cfg, threads)
         export = st_load(run_dir(cfg, "stage1", "export.safetensors").read_bytes())
@@ -198,8 +220,11 @@ class AlignerDeployment:
         self.max_len = min(cfg.encode.max_seq_length, te.model_max_len)
         self.max_text_chars, self.sbert = cfg.data.max_text_chars, cfg.encode.model
 
+        e, q = load_joint_embeddings(run_dir(cfg))
+        # a new item's q stands in for e_i (joint) or is q_i itself (sbert): the map of that column
+        self.scale, self.shift = fit_item_map(e if item_tokens == "joint" else q,
+                                              item_vector_table(item_tokens, e, q, None, seed=cfg.seed))
         items = Prepared(run_dir(cfg, "data")).items
-        _, q = load_joint_embeddings(run_dir(cfg))
         ids = items["item"].to_numpy()[: self.CHECK_ITEMS]
         texts = [str(t) for t in items["text"].to_numpy()[: self.CHECK_ITEMS]]
         self.check_err = float(np.abs(self._encode(texts) - q[ids]).max()) if len(ids) else 0.0
@@ -209,6 +234,7 @@ class AlignerDeployment:
 
     @torch.no_grad()
     def _encode(self, texts: list[str]) -> np.ndarray:
+        """Raw q = f_T^enc(SBERT_ft(text)), as in stage1/joint_emb.parquet."""
         from allmrec.align.stage1 import text_joint_embeddings
         te = self.model.text_encoder
         enc = te.tokenizer(texts, truncation=True, max_length=self.max_len, padding=True, return_tensors="pt")
@@ -219,12 +245,13 @@ class AlignerDeployment:
         return {"sbert": self.sbert, "dim": int(self.model.aligner.latent), "self_check_max_abs_err": self.check_err}
 
     def embed(self, items: list[tuple[str, str]]) -> np.ndarray:
-        """(n, d') q vectors of (title, description) pairs, from the paper's "Title: t, Description: d"."""
+        """(n, d') vectors of (title, description) pairs ("Title: t, Description: d" -> q), in the space
+        of the LLM deployment's item-vector table."""
         from allmrec.data.text import clean_text, item_text
         if not items:
             return np.zeros((0, self.model.aligner.latent), dtype=np.float32)
         texts = [item_text(t, clean_text(d), self.max_text_chars) for t, d in items]
-        return self._encode(texts)
+        return (self._encode(texts) * self.scale + self.shift).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------ LLM
@@ -233,7 +260,7 @@ class LLMDeployment:
     """LLMRecommender with dynamic batching: concurrent requests share one forward pass.
 
     A request: {user_rep, history, candidates (catalogue ids and new-item ids in prompt order),
-    new_items {id: (title, q vector or None)}, mode, k}. New items get temporary ids past the
+    new_items {id: (title, item vector from the Aligner, or None)}, mode, k}. New items get temporary ids past the
     catalogue for the length of one batch (titles and vectors appended, then removed)."""
 
     def __init__(self, cfg_dict: dict, variant: str, max_batch_size: int = 8, batch_wait_s: float = 0.02,
@@ -494,7 +521,7 @@ def build_app(cfg: Config, variant: str | None = None, tuning: Tuning | dict | N
     if item_tokens in ("joint", "sbert"):
         aligner = AlignerDeployment.options(ray_actor_options=small, autoscaling_config=scale(2),
                                             max_queued_requests=t.model_max_queued,
-                                            backpressure_config=bp).bind(cfg_dict, 1)
+                                            backpressure_config=bp).bind(cfg_dict, item_tokens, 1)
     llm = LLMDeployment.options(
         ray_actor_options={"num_cpus": t.llm_num_cpus, "num_gpus": t.llm_num_gpus},
         autoscaling_config=scale(t.max_batch_size), max_ongoing_requests=t.llm_max_ongoing,

@@ -203,8 +203,10 @@ def test_new_item_by_text_is_ranked(service):
 
     from allmrec.align.sbert import encode_texts, load_sbert
     from allmrec.align.stage1 import Stage1Aligner
+    from allmrec.artifacts import load_joint_embeddings, user_reps
     from allmrec.data.text import item_text
     from allmrec.recommender import Example, LLMRecommender
+    from serve.app import candidate_order
 
     cfg, rec, c = service["cfg"], service["rec"], service["client"]
     new = {"id": "new-1", "title": "blue lamp deluxe", "description": "A <b>bright</b> camping lamp."}
@@ -218,21 +220,47 @@ def test_new_item_by_text_is_ranked(service):
     Q = encode_texts(load_sbert(cfg.encode.model), [item_text(new["title"], "A bright camping lamp.")])
     with torch.no_grad():
         q = aligner.text_enc(torch.from_numpy(Q)).numpy()
+    # q stands in for e_i, so it gets the catalogue e's standardization (allmrec.recommender.standardize_items)
+    e, _ = load_joint_embeddings(Path(cfg.run_dir))
+    q_raw, q = q, (q - e[1:].mean(0)) / (e[1:].std(0) + 1e-6)
     n = len(rec.titles)
-    rec2 = LLMRecommender(rec.llm, rec.tokenizer, [*rec.titles, new["title"]], cfg.data.domain,
-                          projector=rec.projector, item_vectors=np.vstack([rec.item_vectors.numpy(), q]),
-                          use_user_token=True, history_len=cfg.stage2.history_len)
-    from serve.app import candidate_order
     order = candidate_order([1, 2, "new-1"], cfg.seed, None, [3, 9, 4])
     ids = [n if x == "new-1" else x for x in order]
-    from allmrec.artifacts import user_reps
-    s = rec2.rank([Example(user_reps(service["cf"], [np.asarray([3, 9, 4])], None)[0], [3, 9, 4], ids)])[0]
-    want = {order[j]: float(s[j]) for j in range(3)}
+    rep = user_reps(service["cf"], [np.asarray([3, 9, 4])], None)[0]
+
+    def offline_scores(vec: np.ndarray) -> dict:
+        rec2 = LLMRecommender(rec.llm, rec.tokenizer, [*rec.titles, new["title"]], cfg.data.domain,
+                              projector=rec.projector, item_vectors=np.vstack([rec.item_vectors.numpy(), vec]),
+                              use_user_token=True, history_len=cfg.stage2.history_len)
+        s = rec2.rank([Example(rep, [3, 9, 4], ids)])[0]
+        return {order[j]: float(s[j]) for j in range(3)}
+
+    want = offline_scores(q)
     got = {x["item"]: x["score"] for x in body["items"]}
     assert got.keys() == want.keys()
     for key in want:
         assert abs(got[key] - want[key]) < 1e-3, (key, got, want)
+    # the check can fail: the raw (unstandardized) q would have scored the new item differently
+    assert abs(offline_scores(q_raw)["new-1"] - got["new-1"]) > 1e-3
     assert len(rec.titles) == n  # the offline recommender was not touched
+
+
+def test_fit_item_map_reproduces_the_catalogue_preprocessing():
+    """New items must get exactly the per-dimension map the catalogue's vectors get before F_I."""
+    from allmrec.recommender import item_vector_table
+    from serve.app import fit_item_map
+
+    rng = np.random.default_rng(0)
+    e = 0.5 + 0.01 * rng.standard_normal((30, 6)).astype(np.float32)  # saturated sigmoid outputs
+    e[:, 2] = 0.5  # a constant dimension
+    table = item_vector_table("joint", e, e, None)
+    scale, shift = fit_item_map(e, table)
+    np.testing.assert_allclose(e[1:] * scale + shift, table[1:], atol=1e-4)
+    scale, shift = fit_item_map(e, e)  # no preprocessing: the identity (scale 1 where e varies)
+    np.testing.assert_allclose(e[1:] * scale + shift, e[1:], atol=1e-6)
+    np.testing.assert_allclose(np.delete(scale, 2), 1, atol=1e-4)
+    with pytest.raises(ValueError, match="not a per-dimension affine map"):
+        fit_item_map(e, np.sin(40 * e))
 
 
 def test_generate_mode(service):
