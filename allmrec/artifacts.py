@@ -93,14 +93,14 @@ def load_recommender(cfg: Config, variant: str = "allmrec", device: str = "cpu")
     import copy
 
     from allmrec.cf import load_cf_model
-    from allmrec.llm.loading import load_llm
+    from allmrec.llm.loading import load_llm, resolve_dtype
     from allmrec.recommender import LLMRecommender
 
     if variant not in LLM_VARIANTS:
         raise ValueError(f"unknown LLM variant {variant!r}; known: {sorted(LLM_VARIANTS)}")
     cfg = copy.deepcopy(cfg)
     cfg.stage2.item_tokens, cfg.stage2.use_user_token = LLM_VARIANTS[variant]
-    llm, tok = load_llm(cfg.stage2.llm, device=device)
+    llm, tok = load_llm(cfg.stage2.llm, dtype=resolve_dtype(cfg.stage2.llm_dtype, device), device=device)
     cf = load_cf_model(run_dir(cfg, "cf")).eval()
     prep = Prepared(run_dir(cfg, "data"))
     projector = vectors = None

