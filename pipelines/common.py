@@ -63,3 +63,39 @@ def cache_dir() -> Path:
 
 def run_path(cfg: Config, *parts: str) -> Path:
     return Path(cfg.run_dir).expanduser().resolve().joinpath(*parts)
+
+
+def worker_threads(cfg: Config, num_workers: int, use_gpu: bool) -> int:
+    """torch intra-op threads per training worker: `cfg.torch_threads`, else the cores shared evenly
+    (oversubscribing a 2-core machine with 2 threads x 2 workers made steps several times slower)."""
+    if cfg.torch_threads:
+        return int(cfg.torch_threads)
+    return 4 if use_gpu else max(1, (os.cpu_count() or 1) // max(1, num_workers))
+
+
+def make_trainer(cfg: Config, run_name: str, train_func, loop_config: dict, datasets: dict, *,
+                 num_workers: int, use_gpu: bool, max_failures: int, force: bool):
+    """The TorchTrainer every training job uses: DDP over gloo (CPU) or NCCL (GPU), the "train" dataset
+    split across workers (the others replicated), two checkpoints kept, resume on worker failure.
+
+    `run_name` carries the job's fingerprint, so a changed config is a new run; `force` wipes the old
+    run folder first, since Ray Train would otherwise resume the finished run and return its checkpoint.
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if force:
+        import shutil
+        shutil.rmtree(run_path(cfg, "ray_results", run_name), ignore_errors=True)
+    return TorchTrainer(
+        train_func,
+        train_loop_config={**loop_config, "threads": worker_threads(cfg, num_workers, use_gpu)},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(name=run_name, storage_path=str(run_path(cfg, "ray_results")),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )

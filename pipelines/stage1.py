@@ -26,7 +26,7 @@ from allmrec.config import Config, config_from_dict
 from allmrec.data import schema
 from allmrec.data.load import Prepared
 from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
-from pipelines.common import init_ray, run_path
+from pipelines.common import init_ray, make_trainer, run_path
 
 log = logging.getLogger("allmrec.stage1")
 EXPORT = "export.safetensors"
@@ -205,9 +205,6 @@ def stage1(cfg: Config, force: bool = False, fail_at_epoch: int | None = None) -
         log.info("stage1: %s is up to date; use --force to retrain", out_dir)
         return out_dir
     ray = init_ray(cfg)
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     t0 = time.perf_counter()
     prep = Prepared(data_dir)
     seq_ds = ray.data.read_parquet(str(data_dir / schema.SEQUENCES))
@@ -218,24 +215,10 @@ def stage1(cfg: Config, force: bool = False, fail_at_epoch: int | None = None) -
                                   batch_format="pyarrow")
     items_ds = ray.data.read_parquet(str(data_dir / schema.ITEMS), columns=["item", "text"])
     cf_files = _bundle(cf_dir)
-    cores = os.cpu_count() or 1
-    run_name = f"stage1-{fp}"
-    if force:  # a forced rerun starts fresh: Ray Train would otherwise resume the finished run
-        import shutil
-        shutil.rmtree(run_path(cfg, "ray_results", run_name), ignore_errors=True)
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"cfg": cfg.to_dict(), "cf_files": cf_files, "fail_at_epoch": fail_at_epoch,
-                           "threads": max(1, cores // s1.num_workers) if not s1.use_gpu else 4},
-        scaling_config=ScalingConfig(num_workers=s1.num_workers, use_gpu=s1.use_gpu,
-                                     resources_per_worker=None if s1.use_gpu else {"CPU": 1}),
-        torch_config=TorchConfig(backend="nccl" if s1.use_gpu else "gloo"),
-        datasets={"train": train_ds, "items": items_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(name=run_name, storage_path=str(run_path(cfg, "ray_results")),
-                             failure_config=FailureConfig(max_failures=cfg.cf.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
+    trainer = make_trainer(
+        cfg, f"stage1-{fp}", train_func, {"cfg": cfg.to_dict(), "cf_files": cf_files, "fail_at_epoch": fail_at_epoch},
+        {"train": train_ds, "items": items_ds},
+        num_workers=s1.num_workers, use_gpu=s1.use_gpu, max_failures=cfg.cf.max_failures, force=force)
     result = trainer.fit()
     train_s = time.perf_counter() - t0
     if result.checkpoint is None:
@@ -254,7 +237,7 @@ def stage1(cfg: Config, force: bool = False, fail_at_epoch: int | None = None) -
         JointEmbedder, batch_size=64, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
         # the big inputs travel once through the object store (wrapped so Ray does not inline them)
         fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "bundle_ref": [ray.put((cf_files, export, texts))],
-                               "threads": cores}, num_cpus=1)
+                               "threads": cfg.torch_threads or os.cpu_count() or 1}, num_cpus=1)
     with atomic_dir(out_dir) as tmp:
         emb_ds.write_parquet(str(tmp / "joint_emb.parquet"))
         (tmp / EXPORT).write_bytes(export)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from allmrec.data.load import Prepared
 from allmrec.data.sampling import user_rng
 from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
 from allmrec.metrics import ranks_from_scores, summarize
-from pipelines.common import init_ray, run_path
+from pipelines.common import init_ray, make_trainer, run_path
 
 log = logging.getLogger("allmrec.train_cf")
 STREAM_NEG100 = 6
@@ -164,34 +163,17 @@ def train_cf(cfg: Config, force: bool = False, fail_at_epoch: int | None = None)
         log.info("train-cf: %s is up to date; use --force to retrain", out_dir)
         return out_dir
     ray = init_ray(cfg)
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     prep = Prepared(data_dir)
     t0 = time.perf_counter()
     train_ds = ray.data.read_parquet(str(data_dir / schema.SEQUENCES)).map_batches(
         _train_rows, fn_kwargs={"max_len": c.max_len}, batch_format="pyarrow")
     valid_ds = ray.data.read_parquet(str(data_dir / schema.CAND_VALID)).map_batches(
         _valid_rows, batch_format="pyarrow")
-    cores = os.cpu_count() or 1
-    run_name = f"train_cf-{c.model}-{fp}"
-    if force:  # a forced rerun starts fresh: Ray Train would otherwise resume the finished run
-        import shutil
-        shutil.rmtree(run_path(cfg, "ray_results", run_name), ignore_errors=True)
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"cfg": cfg.to_dict(), "n_items": prep.n_items, "n_users": prep.n_train_users,
-                           "threads": max(1, cores // c.num_workers) if not c.use_gpu else 4,
-                           "fail_at_epoch": fail_at_epoch},
-        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
-                                     resources_per_worker=None if c.use_gpu else {"CPU": 1}),
-        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
-        datasets={"train": train_ds, "valid": valid_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(name=run_name, storage_path=str(run_path(cfg, "ray_results")),
-                             failure_config=FailureConfig(max_failures=c.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
+    trainer = make_trainer(
+        cfg, f"train_cf-{c.model}-{fp}", train_func,
+        {"cfg": cfg.to_dict(), "n_items": prep.n_items, "n_users": prep.n_train_users, "fail_at_epoch": fail_at_epoch},
+        {"train": train_ds, "valid": valid_ds},
+        num_workers=c.num_workers, use_gpu=c.use_gpu, max_failures=c.max_failures, force=force)
     result = trainer.fit()
     train_s = time.perf_counter() - t0
     if result.checkpoint is None:
