@@ -3,8 +3,8 @@
     python -m bench.stage2            # 24 users (6 steps of 4) per configuration, + Ray Train 1 vs 2 workers
     python -m bench.stage2 --quick    # 8 users, no Ray Train runs
 
-All on the prepared amazon-scientific set (/tmp/bench_sci), the packaged SmolLM2-135M-Instruct in fp32 on
-the CPU, batch 4, Adam lr 1e-4 over the projectors, the same users / candidates / projector initialisation
+All on the prepared amazon-scientific set (/tmp/bench_sci), the packaged SmolLM2-135M-Instruct on the CPU
+in fp32 (bf16 where the configuration says so), batch 4, Adam lr 1e-4 over the projectors, the same users / candidates / projector initialisation
 in both; each configuration in its own process (its own peak RSS), 2 torch threads, one untimed warm-up
 step, then every batch timed. The prompt is A-LLMRec's (user token, 10 history + 20 candidate titles each
 with an item soft token). Item vectors: the Stage-1 joint embeddings of /tmp/bench_sci when they exist,
@@ -92,7 +92,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     ex = examples(cfg, prep, spec["users"])
     vectors, vec_desc = item_vectors(cfg, prep.n_items)
     t0 = time.perf_counter()
-    llm, tok = load_llm(s2.llm, dtype=torch.float32)
+    llm, tok = load_llm(s2.llm, dtype=getattr(torch, spec.get("dtype", "float32")))
     load_s = time.perf_counter() - t0
     torch.manual_seed(cfg.seed)
     projector = build_projector("joint", True, cf.hidden, vectors.shape[1], llm.config.hidden_size)
@@ -165,7 +165,8 @@ def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
         for part in ("data", "cf"):
             (run / part).symlink_to(SCI_RUN / part)
         cfg = sci_config(f"run_dir={run}", f"stage2.num_workers={spec['workers']}", "stage2.epochs=1",
-                         f"stage2.max_users={spec['users']}", "stage2.item_tokens=mlp")
+                         f"stage2.max_users={spec['users']}", "stage2.item_tokens=mlp",
+                         f"stage2.llm_dtype={spec.get('dtype', 'float32')}")
         t0 = time.perf_counter()
         init_ray(cfg)
         ray_s = time.perf_counter() - t0
@@ -177,7 +178,8 @@ def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
         return {"workers": spec["workers"], "users": spec["users"], "users_per_s": h["users_per_s"],
                 "epoch_s": h["seconds"], "loss": round(h["loss"], 4), "ray_start_s": round(ray_s, 1),
                 "stage2_call_s": round(wall, 1), "llm_params_full": h.get("llm_params_full"),
-                "llm_params_local_per_rank": h.get("llm_params_local_per_rank"), "item_tokens": "mlp"}
+                "llm_params_local_per_rank": h.get("llm_params_local_per_rank"), "item_tokens": "mlp",
+                "dtype": spec.get("dtype", "float32")}
     finally:
         shutil.rmtree(run, ignore_errors=True)
 
@@ -185,13 +187,17 @@ def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- driver
 
 PLANS = {"baseline": {"impl": "baseline"}, "ours": {"impl": "ours"},
-         "ray_1": {"impl": "ray", "workers": 1}, "ray_2": {"impl": "ray", "workers": 2}}
+         "ours_bf16": {"impl": "ours", "dtype": "bfloat16"},  # CPUs with AMX / AVX512-BF16 (llm_dtype=auto)
+         "ray_1": {"impl": "ray", "workers": 1}, "ray_2": {"impl": "ray", "workers": 2},
+         "ray_1_bf16": {"impl": "ray", "workers": 1, "dtype": "bfloat16"}}
 
 LABELS = {
     "baseline": "baseline: full titles, logits over the whole prompt",
     "ours": "ours: titles cut to 16 tokens, logits on target positions only",
+    "ours_bf16": "ours, frozen LLM in bf16 (native bf16 CPU)",
     "ray_1": "Ray Train + DeepSpeed ZeRO-3, 1 worker (2 threads)",
     "ray_2": "Ray Train + DeepSpeed ZeRO-3, 2 workers (1 thread each)",
+    "ray_1_bf16": "Ray Train + DeepSpeed ZeRO-3, 1 worker, LLM in bf16",
 }
 
 
@@ -215,13 +221,13 @@ def main(argv: list[str] | None = None) -> dict:
     with_ray = (not args.quick) if args.ray is None else args.ray
 
     names = args.configs.split(",") if args.configs else \
-        ["baseline", "ours"] + (["ray_1", "ray_2"] if with_ray else [])
+        ["baseline", "ours", "ours_bf16"] + (["ray_1", "ray_2", "ray_1_bf16"] if with_ray else [])
     prep_info = ensure_scientific(train_cf=any(n.startswith("ray") for n in names))  # Ray needs a CF artifact
     budget = {"left": args.max_wait}
     res: dict[str, Any] = {"benchmark": "stage2", "quick": args.quick, "machine": machine(), "prepared": prep_info,
                            "settings": {"users": users, "batch": 4, "threads": args.threads,
                                         "llm": sci_config().stage2.llm,
-                                        "dtype": "float32", "ray_users": args.ray_users},
+                                        "dtype": "float32 unless the configuration says bf16", "ray_users": args.ray_users},
                            "reference_context": {"users_per_s": REFERENCE_USERS_PER_S,
                                                  "prompt_tokens_mean": REFERENCE_PROMPT_TOKENS}, "runs": {}}
     plan = [(n, PLANS[n]) for n in names]
