@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,17 +88,19 @@ class CFConfig:
 
 @dataclass
 class Stage1Config:
-    alpha: float = 0.5  # item reconstruction weight
-    beta: float = 0.5  # text reconstruction weight
+    # L = matching + alpha * item_recon + beta * text_recon + rec. Ablations (paper Table 5): a weight of 0
+    # or a use_* switch off leaves that term out of L (still logged); sbert_trainable_layers=0 = frozen SBERT
+    alpha: float = 0.5  # item reconstruction weight (0: w/o item reconstruction)
+    beta: float = 0.5  # text reconstruction weight (0: w/o text reconstruction)
     latent: int = 128  # d'
     lr: float = 1e-4
     batch_size: int = 32
     epochs: int = 10
     all_items: bool = False  # "all items" variant: every position of the sequence
     sbert_trainable_layers: int = -1  # -1: fine-tune all of SBERT; 0: frozen; N: top N layers
-    use_matching: bool = True
-    use_recon: bool = True
-    use_rec: bool = True
+    use_matching: bool = True  # False: w/o the matching loss
+    use_recon: bool = True  # False: w/o both reconstructions
+    use_rec: bool = True  # False: w/o the recommendation loss
     max_users: int | None = None  # seeded subset of users (CPU runs)
     num_workers: int = 1
     use_gpu: bool = False
@@ -124,6 +127,24 @@ class Stage2Config:
     # dtype of the frozen LLM's weights in Stage-2, evaluation, scoring and serving: auto = bf16 on GPU
     # and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32; or float32 | bfloat16 | float16
     llm_dtype: str = "auto"
+
+
+@dataclass
+class TallrecConfig:
+    """The TALLRec baseline: the LLM-Only prompt, the LLM fine-tuned by LoRA on Stage-2's loss and examples.
+    The LLM, its dtype, the prompt (history_len, max_title_tokens) and DeepSpeed bf16 come from `stage2`."""
+    lr: float = 1e-4
+    batch_size: int = 4
+    epochs: int | None = None  # None: stage2.epochs (the same training budget as A-LLMRec)
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=list)  # empty: the architecture's default (q_proj, v_proj)
+    max_users: int | None = None  # None: stage2.max_users (the same seeded users as A-LLMRec's Stage-2)
+    num_workers: int = 1
+    use_gpu: bool = False
+    zero_stage: int = 3
+    deepspeed_config: str = "configs/deepspeed/zero3.json"
 
 
 @dataclass
@@ -164,12 +185,16 @@ class Config:
     run_dir: str = "runs/ml100k"
     seed: int = 42
     torch_threads: int | None = None
+    # few-shot scenario: train-cf, stage1 and stage2 learn only from the K seeded users prepare wrote to
+    # data/fewshot.parquet (K one of data.fewshot_k); evaluation is unchanged. Use its own run_dir.
+    fewshot: int | None = None
     data: DataConfig = field(default_factory=DataConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     cf: CFConfig = field(default_factory=CFConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    tallrec: TallrecConfig = field(default_factory=TallrecConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -192,6 +217,8 @@ class Config:
         check(all(k > 0 for k in d.fewshot_k), "data.fewshot_k must be positive")
         check(self.cf.hidden > 0 and self.cf.max_len > 1, "cf.hidden > 0 and cf.max_len > 1")
         check(0 <= self.cf.dropout < 1, "cf.dropout must be in [0, 1)")
+        check(self.fewshot is None or self.fewshot in self.data.fewshot_k,
+              f"fewshot must be one of data.fewshot_k {self.data.fewshot_k} (prepare writes those subsets)")
         check(self.stage2.llm_dtype in {"auto", "float32", "bfloat16", "float16"},
               "stage2.llm_dtype must be auto|float32|bfloat16|float16")
         check(self.stage2.item_tokens in {"joint", "sbert", "random", "none", "mlp"},
@@ -200,8 +227,25 @@ class Config:
         check(self.score.pool in {"all", "cf_topn"}, "score.pool must be all|cf_topn")
         for sect in ("cf", "stage1", "stage2"):
             check(getattr(self, sect).num_workers >= 1, f"{sect}.num_workers must be >= 1")
+        s1 = self.stage1
+        check(s1.alpha >= 0 and s1.beta >= 0 and math.isfinite(s1.alpha) and math.isfinite(s1.beta),
+              "stage1.alpha and stage1.beta must be finite and >= 0")
+        check(s1.use_matching or s1.use_rec or (s1.use_recon and s1.alpha + s1.beta > 0),
+              "stage1: every loss term is off (use_matching, use_rec, use_recon with alpha/beta): nothing to train")
+        check(s1.latent >= 1 and s1.batch_size >= 1 and s1.epochs >= 1 and s1.lr > 0,
+              "stage1.latent, batch_size, epochs must be >= 1 and stage1.lr > 0")
+        check(s1.sbert_trainable_layers >= -1, "stage1.sbert_trainable_layers must be -1 (all), 0 (frozen) or N >= 1")
         check(self.stage1.zero_stage in {0, 1, 2, 3} and self.stage2.zero_stage in {0, 1, 2, 3},
               "zero_stage must be 0..3")
+        t = self.tallrec
+        check(t.lr > 0 and t.batch_size >= 1 and (t.epochs is None or t.epochs >= 1),
+              "tallrec: lr > 0, batch_size >= 1 and epochs >= 1 (or null = stage2.epochs)")
+        check(t.lora_r >= 1 and t.lora_alpha > 0 and 0 <= t.lora_dropout < 1,
+              "tallrec: lora_r >= 1, lora_alpha > 0 and lora_dropout in [0, 1)")
+        check(all(m.strip() for m in t.target_modules), "tallrec.target_modules: names must be non-empty")
+        check(t.max_users is None or t.max_users >= 1, "tallrec.max_users must be >= 1 (or null = stage2.max_users)")
+        check(t.num_workers >= 1, "tallrec.num_workers must be >= 1")
+        check(t.zero_stage in {0, 1, 2, 3}, "tallrec.zero_stage must be 0..3")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -65,6 +65,26 @@ def run_path(cfg: Config, *parts: str) -> Path:
     return Path(cfg.run_dir).expanduser().resolve().joinpath(*parts)
 
 
+def training_users(cfg: Config, prep, max_users: int | None) -> set[int] | None:
+    """The users a training job learns from (None: all): the few-shot K users when `cfg.fewshot` is set,
+    then at most `max_users` of them, a seeded choice (the same users for every job of a run)."""
+    import numpy as np
+
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.fewshot is None:
+        if max_users is None or max_users >= prep.n_train_users:
+            return None
+        return set(rng.choice(prep.n_train_users, max_users, replace=False).tolist())
+    fs = prep.fewshot
+    pool = np.sort(fs.loc[fs["k"] == cfg.fewshot, "user"].to_numpy())
+    if len(pool) == 0:
+        raise ValueError(f"fewshot={cfg.fewshot}: no such subset in {sorted(set(fs['k']))}; prepare with "
+                         f"data.fewshot_k containing it")
+    if max_users is not None and max_users < len(pool):
+        pool = pool[rng.choice(len(pool), max_users, replace=False)]
+    return set(pool.tolist())
+
+
 def worker_threads(cfg: Config, num_workers: int, use_gpu: bool) -> int:
     """torch intra-op threads per training worker: `cfg.torch_threads`, else the cores shared evenly
     (oversubscribing a 2-core machine with 2 threads x 2 workers made steps several times slower)."""

@@ -26,7 +26,7 @@ from allmrec.config import Config, config_from_dict
 from allmrec.data import schema
 from allmrec.data.load import Prepared
 from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
-from pipelines.common import init_ray, make_trainer, run_path
+from pipelines.common import init_ray, make_trainer, run_path, training_users
 
 log = logging.getLogger("allmrec.stage1")
 EXPORT = "export.safetensors"
@@ -200,7 +200,8 @@ def stage1(cfg: Config, force: bool = False, fail_at_epoch: int | None = None) -
     out_dir = run_path(cfg, "stage1")
     fp = fingerprint({"data": m["fingerprint"], "cf": mcf["fingerprint"], "seed": cfg.seed,
                       "stage1": cfg.to_dict()["stage1"] | {"num_workers": None, "use_gpu": None},
-                      "sbert": [cfg.encode.model, cfg.encode.max_seq_length]})
+                      "sbert": [cfg.encode.model, cfg.encode.max_seq_length],
+                      **({"fewshot": cfg.fewshot} if cfg.fewshot else {})})
     if not force and is_complete(out_dir, fp):
         log.info("stage1: %s is up to date; use --force to retrain", out_dir)
         return out_dir
@@ -208,8 +209,8 @@ def stage1(cfg: Config, force: bool = False, fail_at_epoch: int | None = None) -
     t0 = time.perf_counter()
     prep = Prepared(data_dir)
     seq_ds = ray.data.read_parquet(str(data_dir / schema.SEQUENCES))
-    if s1.max_users is not None and s1.max_users < prep.n_train_users:
-        keep = set(np.random.default_rng(cfg.seed).choice(prep.n_train_users, s1.max_users, replace=False).tolist())
+    keep = training_users(cfg, prep, s1.max_users)
+    if keep is not None:
         seq_ds = seq_ds.filter(lambda r: r["user"] in keep)
     train_ds = seq_ds.map_batches(_examples, fn_kwargs={"all_items": s1.all_items, "max_len": cfg.cf.max_len},
                                   batch_format="pyarrow")

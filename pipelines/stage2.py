@@ -24,7 +24,7 @@ from allmrec.config import Config, config_from_dict
 from allmrec.data import schema
 from allmrec.data.load import Prepared
 from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
-from pipelines.common import init_ray, make_trainer, run_path
+from pipelines.common import init_ray, make_trainer, run_path, training_users
 from allmrec.artifacts import PROJECTOR, stage2_dir, user_reps, variant_vectors
 from pipelines.stage1 import _bundle, _collect, _plot_losses, load_cf_bundle
 
@@ -160,7 +160,8 @@ def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
     out_dir = stage2_dir(cfg)
     fp = fingerprint({"data": m["fingerprint"], "cf": mcf["fingerprint"], "stage1": ms1["fingerprint"],
                       "seed": cfg.seed, "stage2": cfg.to_dict()["stage2"] | {"num_workers": None, "use_gpu": None},
-                      "ds": ds_overrides, "item_vectors": "standardized-v2"})  # bump when F_I's inputs change
+                      "ds": ds_overrides, "item_vectors": "standardized-v2",  # bump when F_I's inputs change
+                      **({"fewshot": cfg.fewshot} if cfg.fewshot else {})})
     if not force and is_complete(out_dir, fp):
         log.info("stage2: %s is up to date; use --force to retrain", out_dir)
         return out_dir
@@ -174,8 +175,8 @@ def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
     cf_files = _bundle(cf_dir)
     vectors = variant_vectors(cfg, load_cf_bundle(cf_files), run_path(cfg))
     seq_ds = ray.data.read_parquet(str(data_dir / schema.SEQUENCES))
-    if s2.max_users is not None and s2.max_users < prep.n_train_users:
-        keep = set(np.random.default_rng(cfg.seed).choice(prep.n_train_users, s2.max_users, replace=False).tolist())
+    keep = training_users(cfg, prep, s2.max_users)
+    if keep is not None:
         seq_ds = seq_ds.filter(lambda r: r["user"] in keep)
     train_ds = seq_ds.map_batches(_train_examples, batch_format="pyarrow", fn_kwargs={
         "n_items": prep.n_items, "n_negatives": cfg.data.n_negatives, "seed": cfg.seed})

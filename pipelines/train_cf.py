@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch
 import torch.nn as nn
 
-from allmrec.cf import build_cf_model, load_cf_model
+from allmrec.cf import CF_MODELS, build_cf_model, load_cf_model
 from allmrec.cf.data import pad_left, sample_negatives
 from allmrec.cf.trainer import evaluate_candidates, popularity_scores
 from allmrec.config import Config, config_from_dict
@@ -28,7 +28,7 @@ from allmrec.data.load import Prepared
 from allmrec.data.sampling import user_rng
 from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
 from allmrec.metrics import ranks_from_scores, summarize
-from pipelines.common import init_ray, make_trainer, run_path
+from pipelines.common import init_ray, make_trainer, run_path, training_users
 
 log = logging.getLogger("allmrec.train_cf")
 STREAM_NEG100 = 6
@@ -72,6 +72,7 @@ def _collect(shard) -> dict[str, np.ndarray]:
 
 
 def train_func(config: dict) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -83,8 +84,11 @@ def train_func(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_cf_model(c.model, config["n_items"], config["n_users"], vars(c))
-    loss_mod = ray.train.torch.prepare_model(_Loss(model))
+    # MoRec: the items' SBERT vectors, shipped once through the object store
+    inputs = {"text_emb": ray.get(config["text_emb"][0])} if config.get("text_emb") else {}
+    model = build_cf_model(c.model, config["n_items"], config["n_users"], vars(c), **inputs)
+    # buffers (MoRec's frozen text vectors) are equal on every rank: no re-broadcast before each forward
+    loss_mod = ray.train.torch.prepare_model(_Loss(model), parallel_strategy_kwargs={"broadcast_buffers": False})
     model = loss_mod.module.model if hasattr(loss_mod, "module") else loss_mod.model
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, betas=(0.9, 0.98), weight_decay=c.weight_decay)
 
@@ -155,23 +159,42 @@ def train_cf(cfg: Config, force: bool = False, fail_at_epoch: int | None = None)
     if m is None:
         raise FileNotFoundError(f"{data_dir} has no prepared data: run `allmrec prepare` first")
     c = cfg.cf
+    if c.model not in CF_MODELS:
+        raise ValueError(f"unknown CF model {c.model!r}; known: {sorted(CF_MODELS)}")
     out_dir = run_path(cfg, "cf", c.model) if c.model != "sasrec" else run_path(cfg, "cf")
+    # models built from the items' text (MoRec) need `allmrec encode`'s output, and retrain when it changes
+    needs_text = getattr(CF_MODELS[c.model], "needs_text_embeddings", False)
+    enc_dir = run_path(cfg, "encode")
+    m_enc = read_manifest(enc_dir) if needs_text else None
+    if needs_text and m_enc is None:
+        raise FileNotFoundError(f"cf.model={c.model} builds its item embeddings from the items' SBERT vectors, "
+                                f"but {enc_dir} holds none: run `allmrec encode` first")
     fp = fingerprint({"data": m["fingerprint"], "cf": cfg.to_dict()["cf"] | {"num_workers": None, "use_gpu": None,
                                                                            "max_failures": None},
-                      "seed": cfg.seed})
+                      "seed": cfg.seed, **({"fewshot": cfg.fewshot} if cfg.fewshot else {}),
+                      **({"encode": m_enc["fingerprint"]} if needs_text else {})})
     if not force and is_complete(out_dir, fp):
         log.info("train-cf: %s is up to date; use --force to retrain", out_dir)
         return out_dir
     ray = init_ray(cfg)
     prep = Prepared(data_dir)
+    inputs = {}
+    if needs_text:
+        from allmrec.cf.morec import load_text_embeddings
+        inputs["text_emb"] = load_text_embeddings(enc_dir, prep.n_items)
     t0 = time.perf_counter()
-    train_ds = ray.data.read_parquet(str(data_dir / schema.SEQUENCES)).map_batches(
-        _train_rows, fn_kwargs={"max_len": c.max_len}, batch_format="pyarrow")
+    seq_ds = ray.data.read_parquet(str(data_dir / schema.SEQUENCES))
+    keep = training_users(cfg, prep, None)  # few-shot: learn from the K users only
+    if keep is not None:
+        seq_ds = seq_ds.filter(lambda r: r["user"] in keep)
+    train_ds = seq_ds.map_batches(_train_rows, fn_kwargs={"max_len": c.max_len}, batch_format="pyarrow")
     valid_ds = ray.data.read_parquet(str(data_dir / schema.CAND_VALID)).map_batches(
         _valid_rows, batch_format="pyarrow")
     trainer = make_trainer(
         cfg, f"train_cf-{c.model}-{fp}", train_func,
-        {"cfg": cfg.to_dict(), "n_items": prep.n_items, "n_users": prep.n_train_users, "fail_at_epoch": fail_at_epoch},
+        {"cfg": cfg.to_dict(), "n_items": prep.n_items, "n_users": prep.n_train_users, "fail_at_epoch": fail_at_epoch,
+         # a list, so that Ray passes the reference on as is (workers ray.get it)
+         "text_emb": [ray.put(inputs["text_emb"])] if needs_text else None},
         {"train": train_ds, "valid": valid_ds},
         num_workers=c.num_workers, use_gpu=c.use_gpu, max_failures=c.max_failures, force=force)
     result = trainer.fit()
@@ -180,7 +203,7 @@ def train_cf(cfg: Config, force: bool = False, fail_at_epoch: int | None = None)
         raise RuntimeError(f"train-cf finished without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", weights_only=True)
-    model = build_cf_model(c.model, prep.n_items, prep.n_train_users, vars(c))
+    model = build_cf_model(c.model, prep.n_items, prep.n_train_users, vars(c), **inputs)
     model.load_state_dict(state["best_model"] or state["model"])
     model.eval()
     history = json.loads(state["history"])
