@@ -258,8 +258,15 @@ def _plot_losses(history: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     keys = [k for k in ("total", "matching", "item_recon", "text_recon", "rec", "loss") if history and k in history[0]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [(h["epoch"] - 1 + (i + 1) / len(h["step_losses"]), v)
+             for h in history for i, v in enumerate(h.get("step_losses") or [])]
+    if steps:  # per-step losses (rank 0's batches): raw and a moving mean over 20 steps
+        x, y = np.array(steps).T
+        ax.plot(x, y, lw=0.6, alpha=0.35, color="tab:gray", label="step (rank 0)")
+        w = min(20, len(y))
+        ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), color="tab:red", label=f"mean of {w} steps")
     for k in keys:
-        ax.plot([h["epoch"] for h in history], [h[k] for h in history], marker="o", label=k)
+        ax.plot([h["epoch"] for h in history], [h[k] for h in history], marker="o", label=f"{k} (epoch mean)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_title(title)

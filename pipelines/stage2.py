@@ -114,7 +114,7 @@ def train_func(config: dict) -> None:
         t0 = time.perf_counter()
         order = np.random.default_rng([cfg.seed, epoch, rank]).permutation(n_rows)
         # ZeRO-3 needs the same number of steps on every rank: Ray Data's split gives equal-sized shards
-        total, n_steps = 0.0, 0
+        total, n_steps, step_losses = 0.0, 0, []
         engine.train()
         for i in range(0, n_rows, s2.batch_size):
             idx = order[i:i + s2.batch_size]
@@ -124,7 +124,8 @@ def train_func(config: dict) -> None:
             loss = engine(b, rec.prompts.placeholders)
             engine.backward(loss)
             engine.step()
-            total += float(loss.detach())
+            step_losses.append(float(loss.detach()))
+            total += step_losses[-1]
             n_steps += 1
             if rank == 0 and n_steps % 10 == 0:
                 print(f"[stage2] epoch {epoch} step {n_steps}/{-(-n_rows // s2.batch_size)} "
@@ -136,7 +137,7 @@ def train_func(config: dict) -> None:
                  "users_per_s": round(n_rows * dist.get_world_size() / max(dt, 1e-9), 3),
                  "llm_params_full": all_counts[0]["full"],
                  "llm_params_local_per_rank": [c["local"] for c in all_counts]}
-        history.append(rec_m)
+        history.append({**rec_m, "step_losses": [round(v, 4) for v in step_losses]})  # for the loss curve
         export = eng.trainable_state(engine, ("projector.",))
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=eng.CKPT_TAG, client_state={"epoch": epoch, "history": history},
@@ -204,7 +205,7 @@ def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
                                                             "use_user_token": s2.use_user_token},
             "llm": s2.llm, "zero_stage": s2.zero_stage, "workers": s2.num_workers,
             "epochs_run": len(history), "train_seconds": round(train_s, 1),
-            "final": history[-1] if history else None}, indent=2))
+            "final": {k: v for k, v in history[-1].items() if k != "step_losses"} if history else None}, indent=2))
         _plot_losses(history, tmp / "loss.png", "Stage-2 loss (next-title cross-entropy)")
     return out_dir
 
