@@ -69,7 +69,7 @@ class EncodeConfig:
 
 @dataclass
 class CFConfig:
-    model: str = "sasrec"  # sasrec | gru4rec | nextitnet | ncf
+    model: str = "sasrec"  # sasrec | gru4rec | nextitnet | ncf | morec
     hidden: int = 50
     max_len: int = 50
     num_blocks: int = 2

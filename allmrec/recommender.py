@@ -1,7 +1,7 @@
 """A-LLMRec composed: CF user representation + item vectors -> projectors -> soft-token prompt -> LLM.
 
 One implementation used by Stage-2 training, evaluation and serving. An `Example` names a user's
-history, the candidate items (already shuffled) and, for training, the target; `LLMRecommender` turns a
+history, the candidate items (in `candidate_order`) and, for training, the target; `LLMRecommender` turns a
 list of examples into one left-padded batch and either computes the Stage-2 loss, ranks the candidates
 by the LLM's likelihood of their titles, or generates a title (the paper's protocol).
 
@@ -36,10 +36,32 @@ class Example:
     target: int | None = None            # item id (training / evaluation)
 
 
-def shuffled_candidates(target: int, negatives: Sequence[int], rng: np.random.Generator) -> list[int]:
-    cands = [int(target), *map(int, negatives)]
-    rng.shuffle(cands)
-    return cands
+# The random stream of the candidate order. Evaluation has always used [seed, user, 9]: changing it
+# changes every reported result and every served ranking.
+STREAM_CANDIDATE_ORDER = 9
+
+
+def candidate_order(candidates: Sequence[int | str], seed: int, user: int | None = None,
+                    history: Sequence[int] | None = None) -> list[int | str]:
+    """The seeded order in which candidates are shown to the LLM (evaluation and serving alike).
+
+    The LLM was trained on shuffled candidates, so showing them in CF-score order would bias it by
+    position. A known `user` gets default_rng([seed, user, 9]): for [target, *negatives] exactly the
+    order every model is evaluated on, and the order the service shows that user. Without a user, an
+    anonymous `history` seeds the order (default_rng([seed, 9, *history])): same request, same answer.
+    Candidates are item ids or new-item ids (str); numpy integers come back as int.
+    """
+    c = [int(x) if isinstance(x, np.integer) else x for x in candidates]
+    if user is not None:
+        key = [int(seed), int(user), STREAM_CANDIDATE_ORDER]
+    elif history is not None:
+        key = [int(seed), STREAM_CANDIDATE_ORDER, *map(int, history)]
+    else:
+        raise ValueError("candidate_order needs a user id or an anonymous history to seed the order")
+    if min(key) < 0:
+        raise ValueError(f"candidate_order: seed, user and history ids must be >= 0, got key {key}")
+    np.random.default_rng(key).shuffle(c)
+    return c
 
 
 def standardize_items(v: np.ndarray) -> np.ndarray:

@@ -48,12 +48,12 @@ SCORE_CHUNKS = 4  # users are cut into this many chunks (pipelines.score.CHUNK u
 
 def test_examples(cfg, prep, n_users: int):
     """(examples, target index in each candidate list) of n seeded test users, in evaluation order."""
-    from allmrec.recommender import Example
-    from pipelines.evaluate import _subset, shuffled
+    from allmrec.recommender import Example, candidate_order
+    from pipelines.evaluate import _subset
     test = _subset(prep.candidates("test"), n_users, cfg.seed)
     exs, gold = [], []
     for u, h, t, negs in zip(test["user"], test["history"], test["target"], test["negatives"]):
-        c = shuffled(u, t, negs, cfg.seed)
+        c = candidate_order([int(t), *map(int, negs)], cfg.seed, user=u)
         exs.append(Example(None, np.asarray(h), c, int(t)))
         gold.append(c.index(int(t)))
     return exs, np.asarray(gold)

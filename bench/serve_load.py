@@ -43,8 +43,7 @@ def _offline(cfg, reqs: list[dict], batch: int) -> dict:
     `batch` (one batch when len(reqs) <= batch). Top-k items per request and the seconds of each."""
     from allmrec.artifacts import load_recommender, run_dir, user_reps
     from allmrec.data.load import Prepared
-    from allmrec.recommender import Example
-    from serve.app import candidate_order
+    from allmrec.recommender import Example, candidate_order
 
     t0 = time.perf_counter()
     rec, cf, _ = load_recommender(cfg)
@@ -54,7 +53,7 @@ def _offline(cfg, reqs: list[dict], batch: int) -> dict:
     for r in reqs:
         hist = np.asarray(seqs[r["user_id"]], dtype=np.int64)
         rep = user_reps(cf, [hist], [r["user_id"]])[0]
-        exs.append(Example(rep, hist.tolist(), candidate_order(r["candidates"], cfg.seed, r["user_id"], [])))
+        exs.append(Example(rep, hist.tolist(), candidate_order(r["candidates"], cfg.seed, user=r["user_id"])))
     for name, size in (("single", 1), ("batched", batch)):
         t0 = time.perf_counter()
         tops = []

@@ -32,9 +32,8 @@ from allmrec.metrics import ranks_from_scores, summarize
 from pipelines.common import init_ray, run_path
 
 log = logging.getLogger("allmrec.evaluate")
-STREAM_SHUFFLE = 9
 
-CF_VARIANTS = {"sasrec", "gru4rec", "nextitnet", "ncf", "cf", "most_popular"}
+CF_VARIANTS = {"sasrec", "gru4rec", "nextitnet", "ncf", "morec", "cf", "most_popular"}
 
 
 def _subset(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
@@ -56,13 +55,6 @@ def eval_rows(cfg: Config, prep: Prepared) -> pd.DataFrame:
     return rows[["scenario", "user", "history", "target", "negatives", "group"]]
 
 
-def shuffled(user: int, target: int, negatives, seed: int) -> list[int]:
-    """The candidate order shown to the LLM: seeded per user, identical for every model."""
-    c = [int(target), *map(int, negatives)]
-    np.random.default_rng([seed, int(user), STREAM_SHUFFLE]).shuffle(c)
-    return c
-
-
 class LLMScorer:
     """Ray Data actor: one LLM variant, loaded once; scores a batch of evaluation rows."""
 
@@ -72,7 +64,7 @@ class LLMScorer:
         self.rec, self.cf, _ = load_recommender(self.cfg, variant, device="cuda" if use_gpu else "cpu")
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from allmrec.recommender import Example
+        from allmrec.recommender import Example, candidate_order
 
         cfg = self.cfg
         known = (batch["scenario"] != "cold_users").to_numpy()
@@ -86,7 +78,7 @@ class LLMScorer:
                                            None if users is None else users[mask])
         exs, cands = [], []
         for j, (u, t, negs) in enumerate(zip(batch["user"], batch["target"], batch["negatives"])):
-            c = shuffled(u, t, negs, cfg.seed)
+            c = candidate_order([int(t), *map(int, negs)], cfg.seed, user=u)  # same order for every model
             cands.append(c)
             exs.append(Example(None if reps is None else reps[j], hists[j], c, int(t)))
         out = batch[["scenario", "user", "target", "group"]].copy()

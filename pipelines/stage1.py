@@ -77,6 +77,15 @@ def _collect(shard) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def _by_user(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows sorted by user (stable): a worker's shard in an order that does not depend on Ray Data's
+    block scheduling."""
+    if not rows:
+        return rows
+    idx = np.argsort(rows["user"], kind="stable")
+    return {k: v[idx] for k, v in rows.items()}
+
+
 def _item_texts(items: dict) -> list[str]:
     n = int(items["item"].max())
     texts = [""] * (n + 1)  # row i = item id i; row 0 = padding
@@ -114,7 +123,7 @@ def train_func(config: dict) -> None:
     model = build_stage1_model(cfg, cf.hidden, device)
     items = _collect(ray.train.get_dataset_shard("items"))
     model.text_encoder.pretokenize(_item_texts(items), cfg.encode.max_seq_length)
-    train = _collect(ray.train.get_dataset_shard("train"))
+    train = _by_user(_collect(ray.train.get_dataset_shard("train")))  # order independent of Ray Data scheduling
     # frozen lower SBERT layers: computed once for the items this worker will ever encode
     model.text_encoder.precompute_lower(64, items=torch.from_numpy(np.unique(train["pos"])))
     conf = eng.deepspeed_config(s1.deepspeed_config, micro_batch=s1.batch_size, zero_stage=s1.zero_stage,
@@ -128,7 +137,7 @@ def train_func(config: dict) -> None:
         if config.get("fail_at_epoch") == epoch and not state and rank == 0:
             raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
         t0 = time.perf_counter()
-        rng = np.random.default_rng([cfg.seed, epoch, rank])
+        rng = np.random.default_rng([cfg.seed, epoch, 0])  # the same on every rank: see pipelines/stage2.py
         order = rng.permutation(n_rows)
         sums: dict[str, float] = {}
         n_steps = 0

@@ -26,7 +26,7 @@ from allmrec.data.load import Prepared
 from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
 from pipelines.common import init_ray, make_trainer, run_path, training_users
 from allmrec.artifacts import PROJECTOR, stage2_dir, user_reps, variant_vectors
-from pipelines.stage1 import _bundle, _collect, _plot_losses, load_cf_bundle
+from pipelines.stage1 import _bundle, _by_user, _collect, _plot_losses, load_cf_bundle
 
 log = logging.getLogger("allmrec.stage2")
 STREAM_STAGE2 = 8
@@ -102,7 +102,10 @@ def train_func(config: dict) -> None:
     rec = LLMRecommender(engine.module.llm, tok, titles, cfg.data.domain, projector=engine.module.projector,
                          item_vectors=vectors, use_user_token=s2.use_user_token, history_len=s2.history_len,
                          max_title_tokens=s2.max_title_tokens)
-    train = _collect(ray.train.get_dataset_shard("train"))
+    # Ray Data's split may hand the two halves to the ranks either way round, and a block's rows may
+    # arrive in any order: sort by user and draw every rank's order from the same seed, so a swap of
+    # halves only swaps which rank computes which batch (same averaged gradients, reproducible runs).
+    train = _by_user(_collect(ray.train.get_dataset_shard("train")))
     n_rows = len(train["user"])
     reps = user_reps(cf, list(train["hist"]), train["user"], device) if s2.use_user_token else None
 
@@ -112,7 +115,7 @@ def train_func(config: dict) -> None:
         if config.get("fail_at_epoch") == epoch and not state and rank == 0:
             raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
         t0 = time.perf_counter()
-        order = np.random.default_rng([cfg.seed, epoch, rank]).permutation(n_rows)
+        order = np.random.default_rng([cfg.seed, epoch, 0]).permutation(n_rows)
         # ZeRO-3 needs the same number of steps on every rank: Ray Data's split gives equal-sized shards
         total, n_steps, step_losses = 0.0, 0, []
         engine.train()

@@ -38,14 +38,12 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from allmrec.config import Config, config_from_dict, load_config
+from allmrec.recommender import candidate_order  # evaluation's order: a served ranking is the offline one
 from serve.schemas import (MAX_NEW_ITEMS, ErrorResponse, Health, ModelInfo, ModelsResponse, RecommendRequest,
                            RecommendResponse)
 
 log = logging.getLogger("ray.serve")
 APP_NAME = "allmrec"
-# pipelines/evaluate.py shows candidates in np.random.default_rng([seed, user, 9]) order; serve/ may not
-# import pipelines/, so the stream id is repeated here (tests/serve checks both give the same order).
-STREAM_SHUFFLE = 9
 NEW_ITEM_TOKENS = ("joint", "sbert", "none")  # variants that can place a text-only item in a prompt
 
 
@@ -96,16 +94,6 @@ def model_version(cfg: Config, variant: str) -> str:
         if p.is_file():
             h.update(p.read_bytes())
     return f"{cfg.name}-{variant}-{h.hexdigest()[:12]}"
-
-
-def candidate_order(cands: list, seed: int, user_id: int | None, history: list[int]) -> list:
-    """Seeded shuffle of the candidates: for a known user exactly evaluation's order (pipelines/
-    evaluate.py `shuffled`), for an anonymous history one seeded by that history (same request, same
-    answer). The LLM was trained on shuffled candidates: CF score order would bias it by position."""
-    c = list(cands)
-    key = [seed, int(user_id), STREAM_SHUFFLE] if user_id is not None else [seed, STREAM_SHUFFLE, *map(int, history)]
-    np.random.default_rng(key).shuffle(c)
-    return c
 
 
 def _threads(cfg: Config, n: float) -> None:
@@ -439,7 +427,7 @@ class Ingress:
             cands += [i for i in new if i not in cands]
             if not cands:
                 return _error(422, "no candidates: the catalogue has no item outside this history")
-            cands = candidate_order(cands, self.cfg.seed, req.user_id, cf_out["history"])
+            cands = candidate_order(cands, self.cfg.seed, user=req.user_id, history=cf_out["history"])
             vecs = [None] * len(new)
             if new and self.llm_info["has_item_vectors"]:
                 vecs = list(await self.aligner.embed.remote([(n.title, n.description) for n in new.values()]))
@@ -473,7 +461,11 @@ class Ingress:
         api = FastAPI(title="allmrec", version="1", max_body_size=self.tuning.max_body_bytes,
                       description="A-LLMRec recommendations: a CF model's user representation and aligned "
                                   "item embeddings as soft tokens of a frozen LLM that ranks candidate items.")
-        errors = {c: {"model": ErrorResponse} for c in (404, 413, 422, 503)}
+        # every status a client mistake here gets, as it is on the wire (bench/serve_fuzz.py checks this):
+        # 400 = a body that is not UTF-8 (FastAPI); 413 = Starlette's body limit, which answers in plain text
+        errors: dict = {c: {"model": ErrorResponse} for c in (400, 404, 422, 503)}
+        errors[413] = {"description": f"request body over {self.tuning.max_body_bytes} bytes",
+                       "content": {"text/plain": {"schema": {"type": "string"}}}}
 
         @api.post("/v1/recommend", response_model=RecommendResponse, responses=errors)
         async def recommend(req: RecommendRequest):

@@ -24,3 +24,39 @@ def test_item_vector_table_variants():
     assert np.array_equal(r1, r2)
     with pytest.raises(ValueError, match="unknown item token variant"):
         item_vector_table("bogus", e, e, e)
+
+
+def test_candidate_order_is_evaluations_seeded_permutation():
+    from allmrec.recommender import candidate_order
+
+    target, negs = 17, [np.int64(x) for x in (3, 99, 42, 8, 61, 5, 23)]
+    a = candidate_order([target, *negs], 7, user=12)
+    assert a == candidate_order([target, *negs], 7, user=12)       # same inputs, same order
+    assert sorted(a) == sorted([target, *map(int, negs)])            # a permutation
+    assert all(type(x) is int for x in a)                           # numpy ints come back as int (JSON-safe)
+    # the stream evaluation has always used: default_rng([seed, user, 9]).shuffle([target, *negatives])
+    ref = [target, *map(int, negs)]
+    np.random.default_rng([7, 12, 9]).shuffle(ref)
+    assert a == ref
+    assert candidate_order([target, *negs], 7, user=13) != a        # another user, another order
+    assert candidate_order([target, *negs], 8, user=12) != a        # another seed, another order
+    # a user id wins over a history (the service passes the looked-up history too)
+    assert candidate_order([target, *negs], 7, user=12, history=[1, 2]) == a
+
+
+def test_candidate_order_of_an_anonymous_history():
+    from allmrec.recommender import candidate_order
+
+    cands = [1, 2, 5, 6, 7, 11, 13, "new-1"]
+    a = candidate_order(cands, 0, history=[3, 9, 4])
+    assert a == candidate_order(list(cands), 0, history=[3, 9, 4]) and sorted(map(str, a)) == sorted(map(str, cands))
+    ref = list(cands)
+    np.random.default_rng([0, 9, 3, 9, 4]).shuffle(ref)
+    assert a == ref
+    assert candidate_order(cands, 0, history=[3, 9, 5]) != a        # depends on the history ...
+    assert candidate_order(cands, 0, history=[9, 3, 4]) != a        # ... and on its order
+    assert cands[-1] == "new-1"                                     # the input list is not shuffled in place
+    with pytest.raises(ValueError, match="user id or an anonymous history"):
+        candidate_order(cands, 0)
+    with pytest.raises(ValueError, match=">= 0"):
+        candidate_order(cands, 0, user=-1)

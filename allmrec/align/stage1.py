@@ -11,6 +11,11 @@ Text side:  q = f_T^enc(Q) = sigmoid(W_T Q + b) in R^d',  Q_hat = f_T^dec(q) = l
     text_recon = MSE(Q, f_T^dec(f_T^enc(Q)))        over the positive items (target detached)
     rec        = BCE(x_u . E_hat_pos, 1) + BCE(x_u . E_hat_neg, 0)      (each a batch mean)
 
+Ablations (paper Table 5) switch terms off: `use_matching`, `use_recon` (both reconstructions), `use_rec`,
+or a weight alpha / beta of 0 (one reconstruction). A switched-off term is still computed and returned,
+detached, for logging, and is not part of `total`: its gradient is exactly absent, not multiplied by 0.
+Frozen SBERT is `sbert_trainable_layers=0` (allmrec/align/sbert.py).
+
 Matching alone is minimised by mapping every item and every text to one constant vector; the two
 reconstruction terms forbid that (an encoder that forgets its input cannot be decoded), and `rec`
 keeps the decoded item embedding usable by the CF model's user representation.
@@ -64,10 +69,15 @@ def _check(name: str, t: Any, cols: int, rows: int | None = None) -> None:
 def stage1_losses(aligner: Stage1Aligner, E_pos: torch.Tensor, E_neg: torch.Tensor, Q_pos: torch.Tensor,
                   x_u: torch.Tensor, alpha: float = 0.5, beta: float = 0.5, use_matching: bool = True,
                   use_recon: bool = True, use_rec: bool = True) -> dict[str, torch.Tensor]:
-    """All Stage-1 losses. Switched-off terms are still returned (detached) for logging but are
-    left out of `total`, which is what the ablations ("w/o matching", ...) train on."""
-    if not (use_matching or use_recon or use_rec):
-        raise ValueError("at least one of use_matching, use_recon, use_rec must be on")
+    """All Stage-1 losses. Switched-off terms (use_* False, or alpha / beta = 0) are still returned
+    (detached) for logging but are left out of `total`, which is what the ablations ("w/o matching", ...)
+    train on."""
+    if alpha < 0 or beta < 0:
+        raise ValueError(f"alpha and beta must be >= 0, got {alpha}, {beta}")
+    weights = {"matching": 1.0 if use_matching else 0.0, "item_recon": alpha if use_recon else 0.0,
+               "text_recon": beta if use_recon else 0.0, "rec": 1.0 if use_rec else 0.0}
+    if not any(weights.values()):
+        raise ValueError("at least one of use_matching, use_recon (with alpha or beta > 0), use_rec must be on")
     _check("E_pos", E_pos, aligner.cf_dim)
     b = E_pos.shape[0]
     _check("E_neg", E_neg, aligner.cf_dim, b)
@@ -90,20 +100,14 @@ def stage1_losses(aligner: Stage1Aligner, E_pos: torch.Tensor, E_neg: torch.Tens
     rec = F.binary_cross_entropy_with_logits(pos_logits, torch.ones_like(pos_logits)) \
         + F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits))
 
+    parts = {"matching": matching, "item_recon": item_recon, "text_recon": text_recon, "rec": rec}
     total = torch.zeros((), device=E_pos.device, dtype=matching.dtype)
-    if use_matching:
-        total = total + matching
-    if use_recon:
-        total = total + alpha * item_recon + beta * text_recon
-    if use_rec:
-        total = total + rec
-    return {
-        "total": total,
-        "matching": matching if use_matching else matching.detach(),
-        "item_recon": item_recon if use_recon else item_recon.detach(),
-        "text_recon": text_recon if use_recon else text_recon.detach(),
-        "rec": rec if use_rec else rec.detach(),
-    }
+    for k, w in weights.items():
+        if w:
+            total = total + w * parts[k]
+        else:
+            parts[k] = parts[k].detach()
+    return {"total": total, **parts}
 
 
 class Stage1Model(nn.Module):
@@ -131,7 +135,8 @@ class Stage1Model(nn.Module):
     Notes for distributed use: the token/lower-layer caches are plain CPU tensors, not buffers, so
     they are neither broadcast nor checkpointed; build them on every worker (after loading weights,
     before wrapping). With every SBERT-reaching loss switched off (no matching, no recon) SBERT
-    gets no gradient: freeze it (sbert_trainable_layers=0) for that ablation, or DDP will complain.
+    gets no gradient (DeepSpeed then steps it with zero gradients: unchanged, but its forward and
+    backward are wasted): freeze it (sbert_trainable_layers=0) for that ablation.
     """
 
     def __init__(self, aligner: Stage1Aligner, text_encoder: TextEncoder, alpha: float = 0.5, beta: float = 0.5,
@@ -141,6 +146,8 @@ class Stage1Model(nn.Module):
             raise ValueError(f"aligner.text_dim={aligner.text_dim} but the text encoder outputs {text_encoder.dim}")
         if alpha < 0 or beta < 0:
             raise ValueError(f"alpha and beta must be >= 0, got {alpha}, {beta}")
+        if not (use_matching or use_rec or (use_recon and alpha + beta > 0)):
+            raise ValueError("at least one of use_matching, use_recon (with alpha or beta > 0), use_rec must be on")
         self.aligner = aligner
         self.text_encoder = text_encoder
         self.alpha, self.beta = float(alpha), float(beta)

@@ -12,17 +12,20 @@ from typing import Any
 
 from allmrec.cf.base import CFModel, SequentialCFModel
 from allmrec.cf.gru4rec import GRU4Rec
+from allmrec.cf.morec import MoRec
 from allmrec.cf.ncf import NCF
 from allmrec.cf.nextitnet import NextItNet
 from allmrec.cf.sasrec import SASRec
 
-CF_MODELS: dict[str, type[CFModel]] = {cls.name: cls for cls in (SASRec, GRU4Rec, NextItNet, NCF)}
+CF_MODELS: dict[str, type[CFModel]] = {cls.name: cls for cls in (SASRec, GRU4Rec, NextItNet, NCF, MoRec)}
 
 
-def build_cf_model(name: str, n_items: int, n_users: int, cfg: dict[str, Any] | None = None) -> CFModel:
+def build_cf_model(name: str, n_items: int, n_users: int, cfg: dict[str, Any] | None = None,
+                   **inputs: Any) -> CFModel:
+    """`inputs`: extra constructor inputs of models that need them (MoRec: text_emb)."""
     if name not in CF_MODELS:
         raise ValueError(f"unknown CF model {name!r}; known: {sorted(CF_MODELS)}")
-    return CF_MODELS[name](n_items, n_users, cfg or {})
+    return CF_MODELS[name](n_items, n_users, cfg or {}, **inputs)
 
 
 def load_cf_model(directory, device="cpu") -> CFModel:
@@ -31,4 +34,4 @@ def load_cf_model(directory, device="cpu") -> CFModel:
 
 
 __all__ = ["CFModel", "SequentialCFModel", "CF_MODELS", "build_cf_model", "load_cf_model",
-           "SASRec", "GRU4Rec", "NextItNet", "NCF"]
+           "SASRec", "GRU4Rec", "NextItNet", "NCF", "MoRec"]

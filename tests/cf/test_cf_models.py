@@ -16,10 +16,19 @@ SEQUENTIAL = ["sasrec", "gru4rec", "nextitnet"]
 HISTORIES = [[3, 4, 5], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]]
 
 
+def model_inputs(name: str, n_items: int = N_ITEMS) -> dict:
+    """Constructor inputs some models need: MoRec projects its item table from text vectors (random unit
+    vectors stand in for SBERT's here)."""
+    if not getattr(CF_MODELS[name], "needs_text_embeddings", False):
+        return {}
+    text = torch.nn.functional.normalize(torch.randn(n_items + 1, 24, generator=torch.Generator().manual_seed(1)), dim=1)
+    return {"text_emb": text}
+
+
 def make(name: str, **over) -> CFModel:
     torch.manual_seed(0)
     cfg = {k: v for k, v in {**CFG, **over}.items() if k in CF_MODELS[name].defaults}
-    return build_cf_model(name, N_ITEMS, N_USERS, cfg).eval()
+    return build_cf_model(name, N_ITEMS, N_USERS, cfg, **model_inputs(name)).eval()
 
 
 def seqs_tensor(histories=HISTORIES, max_len=L) -> torch.Tensor:
@@ -153,10 +162,10 @@ def test_longer_input_keeps_last_max_len(name):
 def test_registry_builds_from_config_and_rejects_unknown():
     cf = dataclasses.asdict(CFConfig())  # the whole config section may be passed as is
     for name, cls in CF_MODELS.items():
-        m = build_cf_model(name, N_ITEMS, N_USERS, cf)
+        m = build_cf_model(name, N_ITEMS, N_USERS, cf, **model_inputs(name))
         assert type(m) is cls and m.hidden == cf["hidden"] and m.max_len == cf["max_len"]
-    assert set(CF_MODELS) == {"sasrec", "gru4rec", "nextitnet", "ncf"}
-    with pytest.raises(ValueError, match="gru4rec.*ncf.*nextitnet.*sasrec"):
+    assert set(CF_MODELS) == {"sasrec", "gru4rec", "nextitnet", "ncf", "morec"}
+    with pytest.raises(ValueError, match="gru4rec.*morec.*ncf.*nextitnet.*sasrec"):
         build_cf_model("bert4rec", N_ITEMS, N_USERS, {})
     with pytest.raises(ValueError, match="hiden"):
         build_cf_model("sasrec", N_ITEMS, N_USERS, {"hiden": 8})

@@ -1,112 +1,21 @@
 """The online service end to end over HTTP (loopback), on one Serve app for the whole module.
 
-The run folder is built here, small and untrained but real in every format: prepared data (the Ray
-prepare job on a synthetic Markov set), a SASRec saved with CFModel.save, Stage-1 joint_emb.parquet +
-export.safetensors (aligner keys, frozen MiniLM), a Stage-2 projector, and a tiny random Llama with its
-own tokenizer saved with save_pretrained (stage2.llm is a local path).
+The run folder is tiny_run.build_run's: small and untrained but real in every format (prepared data,
+SASRec, Stage-1 export, Stage-2 projector, a tiny random Llama with its own tokenizer).
 """
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-from allmrec.config import load_config
+from tiny_run import build_run  # tests/serve/tiny_run.py (pytest puts tests/serve on sys.path)
 
 pytestmark = pytest.mark.ray
 httpx = pytest.importorskip("httpx")
 TESTS = Path(__file__).resolve().parents[1]
-
-
-def _markov_writer():
-    spec = importlib.util.spec_from_file_location("_pipelines_conftest", TESTS / "pipelines" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.write_markov_seq_txt
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tiny_llm(folder: Path, titles: list[str]) -> None:
-    """A 2-layer random Llama + a BPE tokenizer trained on the prompt words and the item titles."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    corpus = ["is a user representation. This user has bought in the past. Recommend an item for this user "
-              "to buy next from the following set of item titles, The recommendation is not any items yet.",
-              *titles, "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 ().,:'\"!?-"]
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Metaspace()
-    t.decoder = decoders.Metaspace()
-    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
-    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.token_to_id("<s>"))])
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=1, eos_token_id=2, initializer_range=0.2)
-    LlamaForCausalLM(cfg).save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-
-
-def build_run(root: Path, *overrides: str):
-    """A complete (untrained) run folder; returns its Config."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from safetensors.torch import save_file
-
-    from allmrec.align.sbert import TextEncoder, load_sbert
-    from allmrec.align.stage1 import Stage1Aligner, joint_embeddings, text_joint_embeddings
-    from allmrec.cf import build_cf_model
-    from allmrec.data.load import Prepared
-    from allmrec.recommender import build_projector
-    from pipelines.prepare import prepare
-
-    data = _markov_writer()(root / "raw", n_users=80, n_items=40)
-    cfg = load_config(None, [
-        f"run_dir={root / 'run'}", f"data.path={data}", "data.format=seq_txt", "data.k_core=2", "data.n_negatives=7",
-        "data.fewshot_k=[16]", "cf.hidden=16", "cf.max_len=12", "stage1.latent=16", "stage1.sbert_trainable_layers=0",
-        f"stage2.llm={root / 'llm'}", "stage2.history_len=5", "serve.max_history=30", "serve.max_candidates=12",
-        "score.pool_size=6", "serve.min_replicas=1", "serve.max_replicas=1", f"serve.port={_free_port()}",
-        "torch_threads=1", *overrides])
-    prepare(cfg)
-    run = Path(cfg.run_dir)
-    prep = Prepared(run / "data")
-    torch.manual_seed(cfg.seed)
-    cf = build_cf_model("sasrec", prep.n_items, prep.n_train_users, {"hidden": 16, "max_len": 12}).eval()
-    cf.save(run / "cf")
-
-    # Stage-1: frozen MiniLM + an untrained aligner; q computed as stage1's JointEmbedder does
-    te = TextEncoder(load_sbert(cfg.encode.model), trainable_layers=0)
-    aligner = Stage1Aligner(16, te.dim, 16).eval()
-    texts = [""] * (prep.n_items + 1)
-    for i, t in zip(prep.items["item"], prep.items["text"]):
-        texts[int(i)] = str(t)
-    te.pretokenize(texts, cfg.encode.max_seq_length)
-    with torch.no_grad():
-        e = joint_embeddings(aligner, cf.item_embeddings()).numpy()
-        q = text_joint_embeddings(aligner, torch.from_numpy(te.encode_all())).numpy()
-    (run / "stage1").mkdir()
-    save_file({f"aligner.{k}": v.contiguous() for k, v in aligner.state_dict().items()},
-              str(run / "stage1" / "export.safetensors"))
-    pq.write_table(pa.table({"item": np.arange(prep.n_items + 1, dtype=np.int64), "e": list(e), "q": list(q)}),
-                   run / "stage1" / "joint_emb.parquet")
-
-    _tiny_llm(root / "llm", [str(t) for t in prep.items["title"]])
-    torch.manual_seed(1)
-    proj = build_projector("joint", True, 16, 16, 32)
-    (run / "stage2").mkdir()
-    save_file({k: v.contiguous() for k, v in proj.state_dict().items()}, str(run / "stage2" / "projector.safetensors"))
-    return cfg
 
 
 # The test app: small queues so that a burst of requests overloads it.
@@ -153,7 +62,7 @@ def test_health_models_and_docs(service):
 
 def test_known_user_ranking_equals_offline_scorer(service):
     """Same user + same candidates -> the ranking of LLMRecommender.rank, candidates in evaluation's order."""
-    from pipelines.evaluate import shuffled
+    from allmrec.recommender import candidate_order
 
     cfg, prep = service["cfg"], service["prep"]
     row = prep.candidates("test").iloc[3]
@@ -162,7 +71,7 @@ def test_known_user_ranking_equals_offline_scorer(service):
     r = service["client"].post("/v1/recommend", json={"user_id": u, "candidates": [t, *negs], "k": 5})
     assert r.status_code == 200, r.text
     body = r.json()
-    items, scores = _offline(service, seq, u, shuffled(u, t, negs, cfg.seed), 5)
+    items, scores = _offline(service, seq, u, candidate_order([t, *negs], cfg.seed, user=u), 5)
     assert [x["item"] for x in body["items"]] == items
     np.testing.assert_allclose([x["score"] for x in body["items"]], scores, rtol=1e-4, atol=1e-4)
     assert body["n_candidates"] == 1 + len(negs) and body["mode"] == "rank"
@@ -171,7 +80,7 @@ def test_known_user_ranking_equals_offline_scorer(service):
 
 
 def test_cf_candidates_and_anonymous_history(service):
-    from serve.app import candidate_order
+    from allmrec.recommender import candidate_order
 
     cfg, prep, c = service["cfg"], service["prep"], service["client"]
     # no candidates: the CF top-N outside the history
@@ -188,7 +97,7 @@ def test_cf_candidates_and_anonymous_history(service):
     # an anonymous history: x_u without a user id, candidates in the history-seeded order
     hist, cands = [3, 9, 4], [1, 2, 5, 6, 7]
     body = c.post("/v1/recommend", json={"history": hist, "candidates": cands, "k": 3}).json()
-    items, _ = _offline(service, hist, None, candidate_order(cands, cfg.seed, None, hist), 3)
+    items, _ = _offline(service, hist, None, candidate_order(cands, cfg.seed, history=hist), 3)
     assert [x["item"] for x in body["items"]] == items
     # a cold user (never seen by the CF model) is served from its recorded history
     cold = prep.candidates("cold_users")
@@ -205,8 +114,7 @@ def test_new_item_by_text_is_ranked(service):
     from allmrec.align.stage1 import Stage1Aligner
     from allmrec.artifacts import load_joint_embeddings, user_reps
     from allmrec.data.text import item_text
-    from allmrec.recommender import Example, LLMRecommender
-    from serve.app import candidate_order
+    from allmrec.recommender import Example, LLMRecommender, candidate_order
 
     cfg, rec, c = service["cfg"], service["rec"], service["client"]
     new = {"id": "new-1", "title": "blue lamp deluxe", "description": "A <b>bright</b> camping lamp."}
@@ -224,7 +132,7 @@ def test_new_item_by_text_is_ranked(service):
     e, _ = load_joint_embeddings(Path(cfg.run_dir))
     q_raw, q = q, (q - e[1:].mean(0)) / (e[1:].std(0) + 1e-6)
     n = len(rec.titles)
-    order = candidate_order([1, 2, "new-1"], cfg.seed, None, [3, 9, 4])
+    order = candidate_order([1, 2, "new-1"], cfg.seed, history=[3, 9, 4])
     ids = [n if x == "new-1" else x for x in order]
     rep = user_reps(service["cf"], [np.asarray([3, 9, 4])], None)[0]
 
@@ -311,6 +219,15 @@ def test_bad_inputs_get_clear_4xx(service):
     r = c.post("/v1/recommend", content=b'{"history": [' + b"1, " * 40000 + b"1]}",
                headers={"content-type": "application/json"})
     assert r.status_code == 413
+    r400 = c.post("/v1/recommend", content=b"\xbfH", headers={"content-type": "application/json"})  # not UTF-8
+    assert r400.status_code == 400 and r400.json()["detail"]
+    # every status a client mistake gets is in the OpenAPI schema, in the content type it comes in (found by
+    # bench/serve_fuzz.py: 400 was undocumented and 413, plain text from Starlette, was documented as JSON)
+    documented = c.get("/openapi.json").json()["paths"]["/v1/recommend"]["post"]["responses"]
+    for status in {s for _, s in BAD} | {400, 413}:
+        assert str(status) in documented, status
+    assert r.headers["content-type"].startswith("text/plain") and list(documented["413"]["content"]) == ["text/plain"]
+    assert list(documented["400"]["content"]) == ["application/json"]
     assert c.get("/v1/recommend").status_code == 405
     assert c.get("/v1/nothing").status_code == 404
 

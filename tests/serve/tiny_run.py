@@ -1,0 +1,108 @@
+"""A tiny but complete trained run folder for the service: what tests/serve and bench/serve_fuzz.py start.
+
+`build_run(root, *overrides)` writes, small and untrained but real in every format: prepared data (the
+Ray prepare job on a synthetic Markov set), a SASRec saved with CFModel.save, Stage-1 joint_emb.parquet +
+export.safetensors (aligner keys, frozen MiniLM), a Stage-2 projector, and a tiny random Llama with its
+own tokenizer saved with save_pretrained (stage2.llm is a local path). Needs only the packaged MiniLM.
+
+Importable as `tiny_run` from tests/serve (pytest puts that folder on sys.path) and as
+`tests.serve.tiny_run` from the repository root (`python -m bench.serve_fuzz`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from allmrec.config import load_config
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def _markov_writer():
+    spec = importlib.util.spec_from_file_location("_pipelines_conftest", TESTS / "pipelines" / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.write_markov_seq_txt
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_llm(folder: Path, titles: list[str]) -> None:
+    """A 2-layer random Llama + a BPE tokenizer trained on the prompt words and the item titles."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = ["is a user representation. This user has bought in the past. Recommend an item for this user "
+              "to buy next from the following set of item titles, The recommendation is not any items yet.",
+              *titles, "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 ().,:'\"!?-"]
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    t.decoder = decoders.Metaspace()
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.token_to_id("<s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    LlamaForCausalLM(cfg).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+
+
+def build_run(root: Path, *overrides: str):
+    """A complete (untrained) run folder; returns its Config."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.torch import save_file
+
+    from allmrec.align.sbert import TextEncoder, load_sbert
+    from allmrec.align.stage1 import Stage1Aligner, joint_embeddings, text_joint_embeddings
+    from allmrec.cf import build_cf_model
+    from allmrec.data.load import Prepared
+    from allmrec.recommender import build_projector
+    from pipelines.prepare import prepare
+
+    data = _markov_writer()(root / "raw", n_users=80, n_items=40)
+    cfg = load_config(None, [
+        f"run_dir={root / 'run'}", f"data.path={data}", "data.format=seq_txt", "data.k_core=2", "data.n_negatives=7",
+        "data.fewshot_k=[16]", "cf.hidden=16", "cf.max_len=12", "stage1.latent=16", "stage1.sbert_trainable_layers=0",
+        f"stage2.llm={root / 'llm'}", "stage2.history_len=5", "serve.max_history=30", "serve.max_candidates=12",
+        "score.pool_size=6", "serve.min_replicas=1", "serve.max_replicas=1", f"serve.port={_free_port()}",
+        "torch_threads=1", *overrides])
+    prepare(cfg)
+    run = Path(cfg.run_dir)
+    prep = Prepared(run / "data")
+    torch.manual_seed(cfg.seed)
+    cf = build_cf_model("sasrec", prep.n_items, prep.n_train_users, {"hidden": 16, "max_len": 12}).eval()
+    cf.save(run / "cf")
+
+    # Stage-1: frozen MiniLM + an untrained aligner; q computed as stage1's JointEmbedder does
+    te = TextEncoder(load_sbert(cfg.encode.model), trainable_layers=0)
+    aligner = Stage1Aligner(16, te.dim, 16).eval()
+    texts = [""] * (prep.n_items + 1)
+    for i, t in zip(prep.items["item"], prep.items["text"]):
+        texts[int(i)] = str(t)
+    te.pretokenize(texts, cfg.encode.max_seq_length)
+    with torch.no_grad():
+        e = joint_embeddings(aligner, cf.item_embeddings()).numpy()
+        q = text_joint_embeddings(aligner, torch.from_numpy(te.encode_all())).numpy()
+    (run / "stage1").mkdir()
+    save_file({f"aligner.{k}": v.contiguous() for k, v in aligner.state_dict().items()},
+              str(run / "stage1" / "export.safetensors"))
+    pq.write_table(pa.table({"item": np.arange(prep.n_items + 1, dtype=np.int64), "e": list(e), "q": list(q)}),
+                   run / "stage1" / "joint_emb.parquet")
+
+    _tiny_llm(root / "llm", [str(t) for t in prep.items["title"]])
+    torch.manual_seed(1)
+    proj = build_projector("joint", True, 16, 16, 32)
+    (run / "stage2").mkdir()
+    save_file({k: v.contiguous() for k, v in proj.state_dict().items()}, str(run / "stage2" / "projector.safetensors"))
+    return cfg
