@@ -1,8 +1,8 @@
 """Loading the trained artifacts of a run folder for inference (evaluation, scoring, serving).
 
 Layout of `<run_dir>`: data/ (prepare), encode/, cf/ (CF model), stage1/ (joint_emb.parquet, aligner +
-SBERT export), stage2/ or stage2/<variant>/ (projector.safetensors). Only safetensors, parquet and JSON
-are read: nothing is unpickled.
+SBERT export), stage2/ or stage2/<variant>/ (projector.safetensors), tallrec/ (lora.safetensors: the TALLRec
+baseline's LoRA adapters). Only safetensors, parquet and JSON are read: nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from allmrec.config import Config
 from allmrec.data.load import Prepared, read_parquet
 
 PROJECTOR = "projector.safetensors"
+LORA = "lora.safetensors"  # TALLRec's adapter weights (allmrec.llm.lora)
 
 # evaluation/serving variant -> (stage2 item_tokens, use_user_token)
 LLM_VARIANTS = {
@@ -26,6 +27,9 @@ LLM_VARIANTS = {
     "allmrec_no_user": ("joint", False),
     "allmrec_random_items": ("random", True),
     "allmrec_no_items": ("none", True),
+    # TALLRec: the LLM-Only prompt on the LLM fine-tuned by LoRA (`allmrec tallrec`). Listed after llm_only,
+    # which stays the name serving finds for (none, False).
+    "tallrec": ("none", False),
 }
 
 
@@ -39,6 +43,10 @@ def stage2_dir(cfg: Config) -> Path:
     if s2.item_tokens == "joint" and s2.use_user_token:
         return run_dir(cfg, "stage2")
     return run_dir(cfg, "stage2", f"{s2.item_tokens}-u{int(s2.use_user_token)}")
+
+
+def tallrec_dir(cfg: Config) -> Path:
+    return run_dir(cfg, "tallrec")
 
 
 def load_joint_embeddings(root: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -104,10 +112,17 @@ def load_recommender(cfg: Config, variant: str = "allmrec", device: str = "cpu")
     cf = load_cf_model(run_dir(cfg, "cf")).eval()
     prep = Prepared(run_dir(cfg, "data"))
     projector = vectors = None
-    if variant != "llm_only":
+    if variant not in ("llm_only", "tallrec"):
         vectors = variant_vectors(cfg, cf, run_dir(cfg))
         projector = load_projector(stage2_dir(cfg), cfg, cf.hidden, None if vectors is None else vectors.shape[1],
                                    llm.config.hidden_size).to(device)
+    if variant == "tallrec":
+        from allmrec.llm.lora import load_lora
+        path = tallrec_dir(cfg) / LORA
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run `allmrec tallrec` first")
+        # not merged: the fp32 adapters stay exact on a bf16 LLM (merging would round them to bf16)
+        llm = load_lora(llm, path, cfg.tallrec).to(device)
     rec = LLMRecommender(llm, tok, item_titles(prep), cfg.data.domain, projector=projector, item_vectors=vectors,
                          use_user_token=cfg.stage2.use_user_token, history_len=cfg.stage2.history_len,
                          max_title_tokens=cfg.stage2.max_title_tokens)

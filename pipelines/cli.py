@@ -12,7 +12,7 @@ import time
 from allmrec.config import ConfigError, load_config
 from pipelines.common import setup_logging
 
-JOBS = ["prepare", "encode", "train-cf", "stage1", "stage2", "evaluate", "score", "serve", "run"]
+JOBS = ["prepare", "encode", "train-cf", "stage1", "stage2", "tallrec", "evaluate", "score", "serve", "run"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.job == "stage2":
             from pipelines import stage2
             print(stage2.summary(stage2.stage2(cfg, force=args.force)))
+        elif args.job == "tallrec":
+            from pipelines import tallrec
+            print(tallrec.summary(tallrec.tallrec(cfg, force=args.force)))
         elif args.job == "evaluate":
             from pipelines import evaluate
             print(evaluate.summary(evaluate.evaluate(cfg, force=args.force)))

@@ -66,9 +66,13 @@ def _valid_rows(block: pa.Table) -> dict:
                                                         block["negatives"].to_pylist())], dtype=np.int64)}
 
 
-def _collect(shard) -> dict[str, np.ndarray]:
+def _collect(shard, key: str) -> dict[str, np.ndarray]:
+    """A worker's whole shard, sorted by `key` (one row per user): Ray Data delivers blocks in whatever
+    order its tasks finish, and the epoch permutations must index the same rows in every run."""
     parts = list(shard.iter_batches(batch_size=4096, batch_format="numpy"))
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    idx = np.argsort(rows[key], kind="stable")
+    return {k: v[idx] for k, v in rows.items()}
 
 
 def train_func(config: dict) -> None:
@@ -101,10 +105,10 @@ def train_func(config: dict) -> None:
         opt.load_state_dict(state["opt"])
         best_state = state["best_model"]
         start, history, best, bad = state["epoch"] + 1, json.loads(state["history"]), state["best"], state["bad"]
-    valid = _collect(ray.train.get_dataset_shard("valid"))
+    valid = _collect(ray.train.get_dataset_shard("valid"), "user")
     # The shard arrives once through Ray Data and is kept in worker memory (O(users x max_len) ints):
     # re-streaming it every epoch cost more than the epoch itself on small sets.
-    train = _collect(ray.train.get_dataset_shard("train"))
+    train = _collect(ray.train.get_dataset_shard("train"), "users")
     n_rows = len(train["users"])
     device = next(model.parameters()).device
 
@@ -112,7 +116,7 @@ def train_func(config: dict) -> None:
         if config.get("fail_at_epoch") == epoch and ckpt is None and rank == 0:
             raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
         t0 = time.perf_counter()
-        rng = np.random.default_rng([cfg.seed, epoch, rank])
+        rng = np.random.default_rng([cfg.seed, epoch, 0])  # same on every rank (see stage2)
         order = rng.permutation(n_rows)
         model.train()
         total, n = 0.0, 0
