@@ -19,7 +19,7 @@ readable manifest, no `<name>.tmp-*` / `<name>.old-*` folder (allmrec.io.atomic_
 Train checkpoint folder is registered in the snapshot and complete. The child's TMPDIR is a folder of its
 own, so temporary folders nobody deleted show up there (reported; they are not artifacts): `tmp*` ones
 would be a killed worker's checkpoint staging folder; `allmrec-*` ones are the CF-model copies
-pipelines.stage1._unbundle makes in the driver and in every worker (never deleted, killed or not).
+pipelines.stage1 made in the driver and in every worker before it switched to a TemporaryDirectory.
 Recovery = kill -> first checkpoint reported after it (the re-run epoch).
 """
 from __future__ import annotations

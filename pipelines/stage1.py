@@ -37,16 +37,13 @@ def _bundle(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file() and p.suffix in {".json", ".safetensors"}}
 
 
-def _unbundle(files: dict[str, bytes]) -> Path:
-    d = Path(tempfile.mkdtemp(prefix="allmrec-"))
-    for name, data in files.items():
-        (d / name).write_bytes(data)
-    return d
-
-
 def load_cf_bundle(files: dict[str, bytes]):
+    """The frozen CF model from its files' bytes (shipped to workers in the train config)."""
     from allmrec.cf import load_cf_model
-    model = load_cf_model(_unbundle(files))
+    with tempfile.TemporaryDirectory(prefix="allmrec-cf-") as d:  # the weights are copied into the model
+        for name, data in files.items():
+            (Path(d) / name).write_bytes(data)
+        model = load_cf_model(d)
     model.eval()  # frozen: no dropout (the reference code forgets this)
     model.requires_grad_(False)
     return model
