@@ -95,10 +95,7 @@ def train_func(config: dict) -> None:
     all_counts = [None] * dist.get_world_size()
     dist.all_gather_object(all_counts, counts)
 
-    items = _collect(ray.train.get_dataset_shard("items"))
-    titles = [""] * (int(items["item"].max()) + 1)
-    for i, t in zip(items["item"], items["title"]):
-        titles[int(i)] = str(t)
+    titles = item_titles_from(_collect(ray.train.get_dataset_shard("items")))
     rec = LLMRecommender(engine.module.llm, tok, titles, cfg.data.domain, projector=engine.module.projector,
                          item_vectors=vectors, use_user_token=s2.use_user_token, history_len=s2.history_len,
                          max_title_tokens=s2.max_title_tokens)
@@ -178,13 +175,7 @@ def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
     prep = Prepared(data_dir)
     cf_files = _bundle(cf_dir)
     vectors = variant_vectors(cfg, load_cf_bundle(cf_files), run_path(cfg))
-    seq_ds = ray.data.read_parquet(str(data_dir / schema.SEQUENCES))
-    keep = training_users(cfg, prep, s2.max_users)
-    if keep is not None:
-        seq_ds = seq_ds.filter(lambda r: r["user"] in keep)
-    train_ds = seq_ds.map_batches(_train_examples, batch_format="pyarrow", fn_kwargs={
-        "n_items": prep.n_items, "n_negatives": cfg.data.n_negatives, "seed": cfg.seed})
-    items_ds = ray.data.read_parquet(str(data_dir / schema.ITEMS), columns=["item", "title"])
+    train_ds, items_ds = next_title_datasets(ray, cfg, prep, data_dir, s2.max_users)
     trainer = make_trainer(
         cfg, f"stage2-{fp}", train_func,
         {"cfg": cfg.to_dict(), "cf_files": cf_files, "item_vectors": vectors, "fail_at_epoch": fail_at_epoch,
@@ -193,24 +184,51 @@ def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
         num_workers=s2.num_workers, use_gpu=s2.use_gpu, max_failures=cfg.cf.max_failures, force=force)
     result = trainer.fit()
     train_s = time.perf_counter() - t0
+    write_output(result, out_dir, PROJECTOR, cfg, train_s, "Stage-2 loss (next-title cross-entropy)", {
+        "fingerprint": fp, "job": "stage2",
+        "variant": {"item_tokens": s2.item_tokens, "use_user_token": s2.use_user_token},
+        "llm": s2.llm, "zero_stage": s2.zero_stage, "workers": s2.num_workers})
+    return out_dir
+
+
+def next_title_datasets(ray, cfg: Config, prep: Prepared, data_dir: Path, max_users: int | None):
+    """(train, items) Ray datasets of the next-title jobs (Stage-2 and TALLRec): one example per training
+    user (the seeded subset when `max_users` or `cfg.fewshot` is set) and the item titles."""
+    seq_ds = ray.data.read_parquet(str(data_dir / schema.SEQUENCES))
+    keep = training_users(cfg, prep, max_users)
+    if keep is not None:
+        seq_ds = seq_ds.filter(lambda r: r["user"] in keep)
+    train_ds = seq_ds.map_batches(_train_examples, batch_format="pyarrow", fn_kwargs={
+        "n_items": prep.n_items, "n_negatives": cfg.data.n_negatives, "seed": cfg.seed})
+    return train_ds, ray.data.read_parquet(str(data_dir / schema.ITEMS), columns=["item", "title"])
+
+
+def write_output(result, out_dir: Path, artifact: str, cfg: Config, train_s: float, plot_title: str,
+                 manifest: dict) -> None:
+    """Copy the trained weights file and the history out of the final Ray Train checkpoint into
+    `out_dir`, atomically, with metrics.json, config.yaml, the manifest and the loss curve."""
     if result.checkpoint is None:
-        raise RuntimeError(f"stage2 finished without a checkpoint: {result.error}")
+        raise RuntimeError(f"{manifest['job']} finished without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
-        proj = (Path(d) / PROJECTOR).read_bytes()
+        weights = (Path(d) / artifact).read_bytes()
         history = json.loads((Path(d) / "history.json").read_text())
+    final = {k: v for k, v in history[-1].items() if k != "step_losses"} if history else None
     with atomic_dir(out_dir) as tmp:
-        (tmp / PROJECTOR).write_bytes(proj)
+        (tmp / artifact).write_bytes(weights)
         (tmp / "metrics.json").write_text(json.dumps({"history": history, "train_seconds": round(train_s, 1)},
                                                     indent=2))
         cfg.dump(tmp / "config.yaml")
-        (tmp / schema.MANIFEST).write_text(json.dumps({
-            "fingerprint": fp, "job": "stage2", "variant": {"item_tokens": s2.item_tokens,
-                                                            "use_user_token": s2.use_user_token},
-            "llm": s2.llm, "zero_stage": s2.zero_stage, "workers": s2.num_workers,
-            "epochs_run": len(history), "train_seconds": round(train_s, 1),
-            "final": {k: v for k, v in history[-1].items() if k != "step_losses"} if history else None}, indent=2))
-        _plot_losses(history, tmp / "loss.png", "Stage-2 loss (next-title cross-entropy)")
-    return out_dir
+        (tmp / schema.MANIFEST).write_text(json.dumps({**manifest, "epochs_run": len(history),
+                                                       "train_seconds": round(train_s, 1), "final": final}, indent=2))
+        _plot_losses(history, tmp / "loss.png", plot_title)
+
+
+def item_titles_from(items: dict[str, np.ndarray]) -> list[str]:
+    """Titles indexed by item id (row 0 = padding) from a collected items shard."""
+    titles = [""] * (int(items["item"].max()) + 1)
+    for i, t in zip(items["item"], items["title"]):
+        titles[int(i)] = str(t)
+    return titles
 
 
 def summary(out_dir: Path) -> str:

@@ -24,12 +24,11 @@ from safetensors.torch import save as st_save
 
 from allmrec.artifacts import LORA, tallrec_dir
 from allmrec.config import Config, config_from_dict
-from allmrec.data import schema
 from allmrec.data.load import Prepared
-from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
-from pipelines.common import init_ray, make_trainer, run_path, training_users
-from pipelines.stage1 import _by_user, _collect, _plot_losses
-from pipelines.stage2 import _train_examples, load_frozen_llm
+from allmrec.io import fingerprint, is_complete, read_manifest
+from pipelines.common import init_ray, make_trainer, run_path
+from pipelines.stage1 import _by_user, _collect
+from pipelines.stage2 import item_titles_from, load_frozen_llm, next_title_datasets, write_output
 
 log = logging.getLogger("allmrec.tallrec")
 
@@ -70,10 +69,7 @@ def train_func(config: dict) -> None:
     all_counts = [None] * dist.get_world_size()
     dist.all_gather_object(all_counts, counts)
 
-    items = _collect(ray.train.get_dataset_shard("items"))
-    titles = [""] * (int(items["item"].max()) + 1)
-    for i, title in zip(items["item"], items["title"]):
-        titles[int(i)] = str(title)
+    titles = item_titles_from(_collect(ray.train.get_dataset_shard("items")))
     # The LLM-Only prompt: no projector, no item vectors, no user token.
     rec = LLMRecommender(engine.module.llm, tok, titles, cfg.data.domain, projector=None, item_vectors=None,
                          use_user_token=False, history_len=s2.history_len, max_title_tokens=s2.max_title_tokens)
@@ -145,13 +141,8 @@ def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
     resolve_llm_source(s2.llm)  # convert/cache the packaged model once, before the workers start
     t0 = time.perf_counter()
     prep = Prepared(data_dir)
-    seq_ds = ray.data.read_parquet(str(data_dir / schema.SEQUENCES))
-    keep = training_users(cfg, prep, max_users)  # the same seeded users as Stage-2 with the same max_users
-    if keep is not None:
-        seq_ds = seq_ds.filter(lambda r: r["user"] in keep)
-    train_ds = seq_ds.map_batches(_train_examples, batch_format="pyarrow", fn_kwargs={
-        "n_items": prep.n_items, "n_negatives": cfg.data.n_negatives, "seed": cfg.seed})
-    items_ds = ray.data.read_parquet(str(data_dir / schema.ITEMS), columns=["item", "title"])
+    # the same seeded users and examples as Stage-2 with the same max_users
+    train_ds, items_ds = next_title_datasets(ray, cfg, prep, data_dir, max_users)
     trainer = make_trainer(
         cfg, f"tallrec-{fp}", train_func,
         {"cfg": cfg.to_dict(), "fail_at_epoch": fail_at_epoch, "ds_overrides": ds_overrides},
@@ -159,24 +150,11 @@ def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
         num_workers=t.num_workers, use_gpu=t.use_gpu, max_failures=cfg.cf.max_failures, force=force)
     result = trainer.fit()
     train_s = time.perf_counter() - t0
-    if result.checkpoint is None:
-        raise RuntimeError(f"tallrec finished without a checkpoint: {result.error}")
-    with result.checkpoint.as_directory() as d:
-        lora = (Path(d) / LORA).read_bytes()
-        history = json.loads((Path(d) / "history.json").read_text())
-    with atomic_dir(out_dir) as tmp:
-        (tmp / LORA).write_bytes(lora)
-        (tmp / "metrics.json").write_text(json.dumps({"history": history, "train_seconds": round(train_s, 1)},
-                                                    indent=2))
-        cfg.dump(tmp / "config.yaml")
-        (tmp / schema.MANIFEST).write_text(json.dumps({
-            "fingerprint": fp, "job": "tallrec", "llm": s2.llm, "zero_stage": t.zero_stage,
-            "workers": t.num_workers, "lora": {"r": t.lora_r, "alpha": t.lora_alpha, "dropout": t.lora_dropout,
-                                                "target_modules": t.target_modules or "auto"},
-            "epochs": epochs, "max_users": max_users, "epochs_run": len(history),
-            "train_seconds": round(train_s, 1),
-            "final": {k: v for k, v in history[-1].items() if k != "step_losses"} if history else None}, indent=2))
-        _plot_losses(history, tmp / "loss.png", "TALLRec loss (LoRA, next-title cross-entropy)")
+    write_output(result, out_dir, LORA, cfg, train_s, "TALLRec loss (LoRA, next-title cross-entropy)", {
+        "fingerprint": fp, "job": "tallrec", "llm": s2.llm, "zero_stage": t.zero_stage, "workers": t.num_workers,
+        "lora": {"r": t.lora_r, "alpha": t.lora_alpha, "dropout": t.lora_dropout,
+                 "target_modules": t.target_modules or "auto"},
+        "epochs": epochs, "max_users": max_users})
     return out_dir
 
 

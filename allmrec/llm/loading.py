@@ -192,17 +192,13 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def default_dtype(device: str | torch.device) -> torch.dtype:
-    return resolve_dtype("auto", device)
-
-
 def load_llm(name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
              trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any]:
     """Frozen causal LM in eval mode (every parameter requires_grad=False) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, kwargs = resolve_llm_source(name)
-    dtype = dtype or default_dtype(device)
+    dtype = dtype or resolve_dtype("auto", device)
     tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  **kwargs)
