@@ -49,21 +49,31 @@ def tallrec_dir(cfg: Config) -> Path:
     return run_dir(cfg, "tallrec")
 
 
-def load_joint_embeddings(root: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(e, q): (n_items + 1, d') arrays indexed by item id, from stage1/joint_emb.parquet."""
-    df = read_parquet(Path(root) / "stage1" / "joint_emb.parquet", sort_by="item")
+def read_item_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(e, q): (n_items + 1, d') arrays indexed by item id, from a joint_emb.parquet (item, e, q)."""
+    df = read_parquet(Path(path), sort_by="item")
     e = np.stack(df["e"].to_numpy()).astype(np.float32)
     q = np.stack(df["q"].to_numpy()).astype(np.float32)
     return e, q
 
 
-def variant_vectors(cfg: Config, cf, root: Path) -> np.ndarray | None:
-    """The item vectors F_I reads for `cfg.stage2.item_tokens` (None: no item soft tokens)."""
+def load_joint_embeddings(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(e, q) of a run's items, from <root>/stage1/joint_emb.parquet."""
+    return read_item_table(Path(root) / "stage1" / "joint_emb.parquet")
+
+
+def variant_vectors(cfg: Config, cf, root: Path, table: Path | None = None) -> np.ndarray | None:
+    """The item vectors F_I reads for `cfg.stage2.item_tokens` (None: no item soft tokens).
+
+    `table`: another joint_emb.parquet than the run's own (cross-domain: the target's items, whose e_i is
+    their q_i because the CF model has no embedding for them)."""
     from allmrec.recommender import item_vector_table
     v = cfg.stage2.item_tokens
+    if table is not None and v == "mlp":
+        raise ValueError("the mlp variant feeds the CF item table to F_I: undefined for items of another domain")
     e = q = None
     if v in ("joint", "sbert", "random"):
-        e, q = load_joint_embeddings(root)
+        e, q = read_item_table(table) if table is not None else load_joint_embeddings(root)
     E = cf.item_embeddings().detach().float().cpu().numpy() if v == "mlp" else None
     return item_vector_table(v, e, q, E, seed=cfg.seed)
 
@@ -96,8 +106,13 @@ def item_titles(prep: Prepared) -> list[str]:
     return titles
 
 
-def load_recommender(cfg: Config, variant: str = "allmrec", device: str = "cpu"):
-    """(LLMRecommender, CF model, Prepared) for an evaluation/serving variant of a trained run."""
+def load_recommender(cfg: Config, variant: str = "allmrec", device: str = "cpu", *,
+                     source: str | Path | None = None, item_table: Path | None = None):
+    """(LLMRecommender, CF model, Prepared) for an evaluation/serving variant of a trained run.
+
+    Cross-domain: `source` is the trained run whose models (CF, Stage-2 projectors, TALLRec adapters) are
+    used, while items, titles and domain words come from `cfg`'s run; `item_table` holds those items'
+    vectors (`pipelines.evaluate.cross_item_table`)."""
     import copy
 
     from allmrec.cf import load_cf_model
@@ -108,21 +123,24 @@ def load_recommender(cfg: Config, variant: str = "allmrec", device: str = "cpu")
         raise ValueError(f"unknown LLM variant {variant!r}; known: {sorted(LLM_VARIANTS)}")
     cfg = copy.deepcopy(cfg)
     cfg.stage2.item_tokens, cfg.stage2.use_user_token = LLM_VARIANTS[variant]
+    models = copy.deepcopy(cfg)
+    if source is not None:
+        models.run_dir = str(source)
     llm, tok = load_llm(cfg.stage2.llm, dtype=resolve_dtype(cfg.stage2.llm_dtype, device), device=device)
-    cf = load_cf_model(run_dir(cfg, "cf")).eval()
+    cf = load_cf_model(run_dir(models, "cf")).eval()
     prep = Prepared(run_dir(cfg, "data"))
     projector = vectors = None
     if variant not in ("llm_only", "tallrec"):
-        vectors = variant_vectors(cfg, cf, run_dir(cfg))
-        projector = load_projector(stage2_dir(cfg), cfg, cf.hidden, None if vectors is None else vectors.shape[1],
+        vectors = variant_vectors(cfg, cf, run_dir(models), table=item_table)
+        projector = load_projector(stage2_dir(models), models, cf.hidden, None if vectors is None else vectors.shape[1],
                                    llm.config.hidden_size).to(device)
     if variant == "tallrec":
         from allmrec.llm.lora import load_lora
-        path = tallrec_dir(cfg) / LORA
+        path = tallrec_dir(models) / LORA
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: run `allmrec tallrec` first")
         # not merged: the fp32 adapters stay exact on a bf16 LLM (merging would round them to bf16)
-        llm = load_lora(llm, path, cfg.tallrec).to(device)
+        llm = load_lora(llm, path, models.tallrec).to(device)
     rec = LLMRecommender(llm, tok, item_titles(prep), cfg.data.domain, projector=projector, item_vectors=vectors,
                          use_user_token=cfg.stage2.use_user_token, history_len=cfg.stage2.history_len,
                          max_title_tokens=cfg.stage2.max_title_tokens)

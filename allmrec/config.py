@@ -157,6 +157,9 @@ class EvalConfig:
     batch_size: int = 8
     num_actors: int = 1
     use_gpu: bool = False
+    # cross-domain scenario: a trained run folder (another dataset) whose models score this run's data.
+    # This run needs only `prepare`; its items get q_i from the source's fine-tuned SBERT and f_T^enc.
+    source_run: str | None = None
 
 
 @dataclass

@@ -6,6 +6,8 @@ LLM variants run in a pool of actors that load their models once (`eval.num_acto
 cluster); CF baselines are scored directly. Outputs in `<run>/report/`: per-user results (parquet),
 report.json, report.md and PNG bar charts.
 
+Cross-domain (`eval.source_run`): another run's trained models score this run's data (report-from-<source>/).
+
 Modes: `rank` scores each candidate title by the LLM's likelihood after the prompt (prompt computed once,
 its KV cache reused for all candidates: Hit@K/NDCG@K/MRR); `generate` is the paper's protocol — greedy
 decoding after "The recommendation is", a hit when the generation equals the target's title after
@@ -25,9 +27,9 @@ import torch
 
 from allmrec.artifacts import LLM_VARIANTS, load_recommender, user_reps
 from allmrec.cf.trainer import evaluate_candidates, popularity_scores
-from allmrec.config import Config, config_from_dict
+from allmrec.config import Config, config_from_dict, load_config
 from allmrec.data.load import Prepared
-from allmrec.io import atomic_dir, fingerprint, read_manifest
+from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
 from allmrec.metrics import ranks_from_scores, summarize
 from pipelines.common import init_ray, run_path
 
@@ -56,12 +58,18 @@ def eval_rows(cfg: Config, prep: Prepared) -> pd.DataFrame:
 
 
 class LLMScorer:
-    """Ray Data actor: one LLM variant, loaded once; scores a batch of evaluation rows."""
+    """Ray Data actor: one LLM variant, loaded once; scores a batch of evaluation rows.
 
-    def __init__(self, cfg_dict: dict, variant: str, threads: int, use_gpu: bool):
+    Cross-domain (`item_table` set): the models come from `cfg.eval.source_run`, whose CF model knows none of
+    these items, so every user is given the CF model's representation of an empty history."""
+
+    def __init__(self, cfg_dict: dict, variant: str, threads: int, use_gpu: bool, item_table: str | None = None):
         torch.set_num_threads(threads)
         self.cfg, self.variant = config_from_dict(cfg_dict), variant
-        self.rec, self.cf, _ = load_recommender(self.cfg, variant, device="cuda" if use_gpu else "cpu")
+        self.cross = item_table is not None
+        self.rec, self.cf, _ = load_recommender(
+            self.cfg, variant, device="cuda" if use_gpu else "cpu",
+            source=self.cfg.eval.source_run if self.cross else None, item_table=item_table and Path(item_table))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from allmrec.recommender import Example, candidate_order
@@ -70,7 +78,9 @@ class LLMScorer:
         known = (batch["scenario"] != "cold_users").to_numpy()
         hists = [np.asarray(h) for h in batch["history"]]
         reps = None
-        if self.rec.use_user_token:
+        if self.rec.use_user_token and self.cross:
+            reps = user_reps(self.cf, [np.zeros(0, dtype=np.int64)] * len(batch), None)
+        elif self.rec.use_user_token:
             reps = np.zeros((len(batch), self.cf.hidden), dtype=np.float32)
             for mask, users in ((known, batch["user"].to_numpy()), (~known, None)):
                 if mask.any():
@@ -123,16 +133,53 @@ def _cf_results(cfg: Config, prep: Prepared, rows: pd.DataFrame, variant: str) -
     return out
 
 
+def source_run(cfg: Config) -> Path | None:
+    """The trained run of the cross-domain scenario (None: the usual in-domain evaluation)."""
+    if cfg.eval.source_run is None:
+        return None
+    src = Path(cfg.eval.source_run).expanduser().resolve()
+    missing = [p for p in ("cf", "stage1") if read_manifest(src / p) is None]
+    if missing:
+        raise FileNotFoundError(f"eval.source_run={src}: no trained {' and '.join(missing)} there "
+                                "(run the main job on the source dataset first)")
+    if src == run_path(cfg):
+        raise ValueError("eval.source_run is this run itself: cross-domain needs another run's models")
+    return src
+
+
+def cross_item_table(cfg: Config, src: Path) -> Path:
+    """This run's items embedded by the source run's Stage-1 (fine-tuned SBERT -> f_T^enc), cached in
+    <run>/cross/<source>-<fingerprint>/joint_emb.parquet. e_i = q_i: the CF model has no embedding for them."""
+    from pipelines.stage1 import EXPORT, _bundle, item_table
+    src_cfg = load_config(src / "stage1" / "config.yaml", [f"run_dir={src}"])
+    fp = fingerprint({"source": read_manifest(src / "stage1")["fingerprint"],
+                      "data": read_manifest(run_path(cfg, "data"))["fingerprint"]})
+    out = run_path(cfg, "cross", f"{src.name}-{fp}")
+    if not is_complete(out, fp):
+        init_ray(cfg)
+        with atomic_dir(out) as tmp:
+            item_table(src_cfg, _bundle(src / "cf"), (src / "stage1" / EXPORT).read_bytes(),
+                       Prepared(run_path(cfg, "data")), text_only=True).write_parquet(str(tmp / "joint_emb.parquet"))
+            (tmp / "manifest.json").write_text(json.dumps({"fingerprint": fp, "job": "cross_item_table",
+                                                           "source": str(src)}, indent=2))
+    return out / "joint_emb.parquet"
+
+
 def evaluate(cfg: Config, force: bool = False) -> Path:
     prep = Prepared(run_path(cfg, "data"))
     rows = eval_rows(cfg, prep)
-    out_dir = run_path(cfg, "report")
+    src = source_run(cfg)
+    out_dir = run_path(cfg, "report") if src is None else run_path(cfg, f"report-from-{src.name}")
+    table = None if src is None else str(cross_item_table(cfg, src))
     ray = init_ray(cfg)
     cores = os.cpu_count() or 1
     e = cfg.eval
     results, timings = [], {}
     for variant in e.variants:
         t0 = time.perf_counter()
+        if src is not None and variant in CF_VARIANTS - {"most_popular"}:
+            raise ValueError(f"cross-domain evaluation: {variant!r} cannot score another domain's items (a CF "
+                             "model's item ids do not transfer); use most_popular and the LLM variants")
         if variant in CF_VARIANTS:
             results.append(_cf_results(cfg, prep, rows, variant))
         elif variant in LLM_VARIANTS:
@@ -141,7 +188,8 @@ def evaluate(cfg: Config, force: bool = False) -> Path:
             ds = ds.map_batches(LLMScorer, batch_size=e.batch_size, batch_format="pandas",
                                 compute=ray.data.ActorPoolStrategy(size=n_act),
                                 fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "variant": variant,
-                                                       "threads": max(1, cores // n_act), "use_gpu": e.use_gpu},
+                                                       "threads": max(1, cores // n_act), "use_gpu": e.use_gpu,
+                                                       "item_table": table},
                                 num_gpus=1 if e.use_gpu else 0, num_cpus=0 if e.use_gpu else 1)
             results.append(ds.to_pandas())
         else:
@@ -154,6 +202,7 @@ def evaluate(cfg: Config, force: bool = False) -> Path:
     with atomic_dir(out_dir) as tmp:
         res.to_parquet(tmp / "results.parquet")
         meta = {"seed": cfg.seed, "data": read_manifest(run_path(cfg, "data"))["fingerprint"],
+                "source_run": None if src is None else str(src),
                 "mode": e.mode, "variants": e.variants, "users_overall": int((rows.scenario == "overall").sum()),
                 "users_cold": int((rows.scenario == "cold_users").sum()), "seconds": timings,
                 "fingerprint": fingerprint({"eval": cfg.to_dict()["eval"], "seed": cfg.seed})}
@@ -189,7 +238,11 @@ def render_markdown(report: dict, meta: dict, cfg: Config) -> str:
              f"Protocol: 1 positive + {cfg.data.n_negatives} seeded negatives per user (seed {cfg.seed}), "
              f"mode `{meta['mode']}`, {meta['users_overall']} test users, {meta['users_cold']} cold users. "
              "Ranking = LLM log-likelihood of each candidate title; gen = the paper's greedy generation with "
-             "exact title match.", "", "## Hit@1", "",
+             "exact title match.", "",
+             *([f"Cross-domain: the models were trained in `{meta['source_run']}`; this dataset's items enter as "
+                "q_i (source SBERT -> f_T^enc), every user as the source CF model's empty-history "
+                "representation.", ""] if meta.get("source_run") else []),
+             "## Hit@1", "",
              "| model | " + " | ".join(scen) + " |", "|---|" + "---|" * len(scen)]
     for v, r in report.items():
         lines.append(f"| {v} | " + " | ".join(f"{r[s]['hit@1']:.4f}" if s in r and "hit@1" in r[s] else "-"

@@ -170,9 +170,12 @@ def train_func(config: dict) -> None:
 
 
 class JointEmbedder:
-    """Ray Data actor: every item's e_i (from the CF table) and q_i (fine-tuned SBERT -> f_T^enc)."""
+    """Ray Data actor: every item's e_i (from the CF table) and q_i (fine-tuned SBERT -> f_T^enc).
 
-    def __init__(self, cfg_dict: dict, bundle_ref, threads: int):
+    `text_only`: the items are not the CF model's (cross-domain), so e_i is q_i, the paper's rule for items
+    the CF model lacks."""
+
+    def __init__(self, cfg_dict: dict, bundle_ref, threads: int, text_only: bool = False):
         import ray
 
         from allmrec.align.stage1 import joint_embeddings, text_joint_embeddings
@@ -184,17 +187,19 @@ class JointEmbedder:
         self.model.load_state_dict(st_load(export), strict=False)
         self.model.eval()
         self.model.text_encoder.pretokenize(texts, cfg.encode.max_seq_length)
-        with torch.no_grad():
-            self.e = joint_embeddings(self.model.aligner, cf.item_embeddings()).numpy()
+        self.e = None
+        if not text_only:
+            with torch.no_grad():
+                self.e = joint_embeddings(self.model.aligner, cf.item_embeddings()).numpy()
         self.text_joint = text_joint_embeddings
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
         ids = torch.from_numpy(batch["item"].astype(np.int64))
         Q = self.model.text_encoder.encode_items(ids)
-        q = self.text_joint(self.model.aligner, Q).numpy()
-        return {"item": batch["item"], "e": list(self.e[ids.numpy()].astype(np.float32)),
-                "q": list(q.astype(np.float32))}
+        q = self.text_joint(self.model.aligner, Q).numpy().astype(np.float32)
+        e = q if self.e is None else self.e[ids.numpy()].astype(np.float32)
+        return {"item": batch["item"], "e": list(e), "q": list(q)}
 
 
 def stage1(cfg: Config, force: bool = False, fail_at_epoch: int | None = None) -> Path:
@@ -234,19 +239,8 @@ def stage1(cfg: Config, force: bool = False, fail_at_epoch: int | None = None) -
         export = (Path(d) / EXPORT).read_bytes()
         history = json.loads((Path(d) / "history.json").read_text())
 
-    # joint embeddings of every item, as a Ray Data batch job (actors load the models once)
-    items = prep.items
-    texts = [""] * (int(items["item"].max()) + 1)
-    for i, t in zip(items["item"], items["text"]):
-        texts[int(i)] = t
-    emb_ds = ray.data.from_items([{"item": int(i)} for i in range(0, len(texts))])
-    emb_ds = emb_ds.repartition(max(2, len(texts) // 512)).map_batches(
-        JointEmbedder, batch_size=64, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
-        # the big inputs travel once through the object store (wrapped so Ray does not inline them)
-        fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "bundle_ref": [ray.put((cf_files, export, texts))],
-                               "threads": cfg.torch_threads or os.cpu_count() or 1}, num_cpus=1)
     with atomic_dir(out_dir) as tmp:
-        emb_ds.write_parquet(str(tmp / "joint_emb.parquet"))
+        item_table(cfg, cf_files, export, prep).write_parquet(str(tmp / "joint_emb.parquet"))
         (tmp / EXPORT).write_bytes(export)
         (tmp / "metrics.json").write_text(json.dumps({"history": history, "train_seconds": round(train_s, 1)},
                                                     indent=2))
@@ -256,6 +250,24 @@ def stage1(cfg: Config, force: bool = False, fail_at_epoch: int | None = None) -
             "train_seconds": round(train_s, 1), "final": history[-1] if history else None}, indent=2))
         _plot_losses(history, tmp / "loss.png", "Stage-1 losses")
     return out_dir
+
+
+def item_table(cfg: Config, cf_files: dict[str, bytes], export: bytes, prep: Prepared, text_only: bool = False):
+    """Ray Data job (actors load the models once): (item, e, q) for every item of `prep`, with the Stage-1
+    model `export` trained in `cfg`'s run on top of the CF model `cf_files`."""
+    import ray
+
+    items = prep.items
+    texts = [""] * (int(items["item"].max()) + 1)
+    for i, t in zip(items["item"], items["text"]):
+        texts[int(i)] = t
+    ds = ray.data.from_items([{"item": int(i)} for i in range(0, len(texts))])
+    return ds.repartition(max(2, len(texts) // 512)).map_batches(
+        JointEmbedder, batch_size=64, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+        # the big inputs travel once through the object store (wrapped so Ray does not inline them)
+        fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "bundle_ref": [ray.put((cf_files, export, texts))],
+                               "threads": cfg.torch_threads or os.cpu_count() or 1, "text_only": text_only},
+        num_cpus=1)
 
 
 def _plot_losses(history: list[dict], path: Path, title: str) -> None:
