@@ -133,11 +133,20 @@ class LLMRecommender:
             self._target_ids[item] = self.prompts.target_ids(self.titles[item])
         return self._target_ids[item]
 
-    def batch(self, examples: Sequence[Example], with_target: bool) -> dict[str, torch.Tensor]:
-        """Token ids, mask, labels and the CF vectors (user reps, item vectors in placeholder order)."""
+    def batch(self, examples: Sequence[Example], with_target: bool,
+              question: str | None = None) -> dict[str, torch.Tensor]:
+        """Token ids, mask, labels and the CF vectors (user reps, item vectors in placeholder order).
+        `question`: the user and history part of the prompt, then this question instead of the
+        candidates (which, like the target, are then not shown)."""
+        if question is not None and with_target:
+            raise ValueError("a question prompt has no target: call batch(..., with_target=False)")
         encs, slots = [], []
         for ex in examples:
             hist = list(ex.history)[-self.history_len:] if self.history_len else []
+            if question is not None:
+                encs.append(self.prompts.build_question([self.titles[i] for i in hist], question))
+                slots.append(hist)
+                continue
             tgt = self.titles[ex.target] if with_target else None
             encs.append(self.prompts.build([self.titles[i] for i in hist], [self.titles[i] for i in ex.candidates],
                                            tgt))
@@ -184,6 +193,13 @@ class LLMRecommender:
             shown = [self.prompts.shown_title(self.titles[i]) for i in ex.candidates]
             out.append((text, match_candidate(text, shown)))
         return out
+
+    @torch.no_grad()
+    def ask(self, examples: Sequence[Example], question: str, max_new_tokens: int = 32) -> list[str]:
+        """The LLM's greedy answer to `question` asked after each example's user and history (the same
+        soft tokens as recommending; candidates and target unused), e.g. which genres the user likes."""
+        b = self.batch(examples, with_target=False, question=question)
+        return generate_titles(self.llm, self.embeds(b), b["attention_mask"], self.tokenizer, max_new_tokens)
 
 
 def build_projector(variant: str, use_user_token: bool, user_dim: int, item_dim: int | None,

@@ -2,6 +2,7 @@
 
   allmrec prepare --config configs/scientific.yaml data.k_core=5
   allmrec run --config configs/ml100k.yaml
+  allmrec genres --config configs/ml100k.yaml run_dir=runs/a-full allmrec llm_only --max-users 60
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from allmrec.config import ConfigError, load_config
 from pipelines.common import setup_logging
 
-JOBS = ["prepare", "encode", "train-cf", "stage1", "stage2", "tallrec", "evaluate", "score", "serve", "run"]
+JOBS = ["prepare", "encode", "train-cf", "stage1", "stage2", "tallrec", "evaluate", "genres", "score", "serve", "run"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. cf.epochs=20")
         if job == "score":
             s.add_argument("--top-k", type=int, default=None)
+        if job == "genres":  # positional words without "=" are LLM variants: allmrec genres -c C allmrec llm_only
+            s.add_argument("--max-users", type=int, default=100, help="seeded subset of test users (0: all)")
+            s.add_argument("--max-new-tokens", type=int, default=24)
         if job == "run":
             s.add_argument("--no-serve", action="store_true", help="do not start the service at the end")
     return p
@@ -35,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         overrides = list(args.overrides)
+        if args.job == "genres":
+            variants = [o for o in overrides if "=" not in o]
+            overrides = [o for o in overrides if "=" in o]
         if getattr(args, "top_k", None) is not None:
             overrides.append(f"score.top_k={args.top_k}")
         cfg = load_config(args.config, overrides)
@@ -72,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.job == "evaluate":
             from pipelines import evaluate
             print(evaluate.summary(evaluate.evaluate(cfg, force=args.force)))
+        elif args.job == "genres":
+            from pipelines import genres
+            print(genres.summary(genres.genres(cfg, variants or genres.DEFAULT_VARIANTS,
+                                               max_users=args.max_users or None,
+                                               max_new_tokens=args.max_new_tokens)))
         elif args.job == "score":
             from pipelines import score
             print(score.summary(score.score(cfg, force=args.force)))

@@ -143,12 +143,8 @@ class PromptBuilder:
         return ids
 
     # -- prompts --------------------------------------------------------------------------------
-    def build(self, history_titles: Sequence[str], candidate_titles: Sequence[str],
-              target_title: str | None = None) -> Encoded:
-        if isinstance(history_titles, str) or isinstance(candidate_titles, str):
-            raise ValueError("history_titles and candidate_titles must be sequences of titles, not a string")
-        if len(candidate_titles) == 0:
-            raise ValueError("a prompt needs at least one candidate title")
+    def _user_and_history(self, history_titles: Sequence[str]) -> list[int]:
+        """Prefix, user sentence and history sentence: the part every prompt starts with."""
         ids = list(self.prefix_ids)
         sep = ""
         if self.use_user_token:
@@ -159,6 +155,15 @@ class PromptBuilder:
             ids += self._text(self._history_outro)
         else:
             ids += self._text(sep + self._empty_history)
+        return ids
+
+    def build(self, history_titles: Sequence[str], candidate_titles: Sequence[str],
+              target_title: str | None = None) -> Encoded:
+        if isinstance(history_titles, str) or isinstance(candidate_titles, str):
+            raise ValueError("history_titles and candidate_titles must be sequences of titles, not a string")
+        if len(candidate_titles) == 0:
+            raise ValueError("a prompt needs at least one candidate title")
+        ids = self._user_and_history(history_titles)
         ids += self._text(self._ask) + self._titles(candidate_titles) + self._text(".")
         ids += self._text(" The recommendation is")
         labels = [IGNORE] * len(ids)
@@ -168,6 +173,18 @@ class PromptBuilder:
             labels += tgt
         n_slots = (len(history_titles) + len(candidate_titles)) if self.item_tokens else 0
         return Encoded(ids, labels, n_slots, len(history_titles), len(candidate_titles))
+
+    def build_question(self, history_titles: Sequence[str], question: str) -> Encoded:
+        """The same user and history part, then another question instead of the candidates (e.g.
+        "Which movie genres does this user like the most? The genres are"); nothing to learn (no target)."""
+        if isinstance(history_titles, str):
+            raise ValueError("history_titles must be a sequence of titles, not a string")
+        question = " ".join(str(question).split())
+        if not question:
+            raise ValueError("build_question needs a non-empty question")
+        ids = self._user_and_history(history_titles) + self._text(" " + question)
+        n_slots = len(history_titles) if self.item_tokens else 0
+        return Encoded(ids, [IGNORE] * len(ids), n_slots, len(history_titles), 0)
 
     def collate(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         return collate(batch, self.placeholders.fill_id)
