@@ -118,6 +118,9 @@ class Stage2Config:
     max_title_tokens: int = 16
     use_user_token: bool = True
     item_tokens: str = "joint"  # joint | sbert | random | none | mlp (MLP-LLM: raw CF embeddings)
+    # weight of the first target token in the loss (where the candidates compete; later tokens mostly copy
+    # the chosen title): 1.0 = the paper's plain mean over tokens (docs/results.md, "choice vs copy")
+    choice_weight: float = 1.0
     max_users: int | None = None
     num_workers: int = 1
     use_gpu: bool = False
@@ -226,6 +229,8 @@ class Config:
               "stage2.llm_dtype must be auto|float32|bfloat16|float16")
         check(self.stage2.item_tokens in {"joint", "sbert", "random", "none", "mlp"},
               "stage2.item_tokens must be joint|sbert|random|none|mlp")
+        check(self.stage2.choice_weight > 0 and math.isfinite(self.stage2.choice_weight),
+              "stage2.choice_weight must be finite and > 0")
         check(self.eval.mode in {"rank", "generate", "both"}, "eval.mode must be rank|generate|both")
         check(self.score.pool in {"all", "cf_topn"}, "score.pool must be all|cf_topn")
         for sect in ("cf", "stage1", "stage2"):

@@ -99,14 +99,15 @@ def item_vector_table(variant: str, e: np.ndarray | None, q: np.ndarray | None, 
 class Stage2Module(nn.Module):
     """The frozen LLM and the trainable projectors as one module (what DeepSpeed wraps)."""
 
-    def __init__(self, llm: nn.Module, projector: Stage2Projector | None):
+    def __init__(self, llm: nn.Module, projector: Stage2Projector | None, choice_weight: float = 1.0):
         super().__init__()
         self.llm = llm
         self.projector = projector
+        self.choice_weight = choice_weight
 
     def forward(self, batch: dict[str, torch.Tensor], placeholders) -> torch.Tensor:
         return stage2_loss(self.llm, self.projector, batch, batch.get("user_reps"), batch.get("item_embs"),
-                           placeholders)
+                           placeholders, choice_weight=self.choice_weight)
 
 
 class LLMRecommender:

@@ -89,7 +89,7 @@ def train_func(config: dict) -> None:
     llm_dim = llm.config.hidden_size
     projector = build_projector(s2.item_tokens, s2.use_user_token, cf.hidden,
                                 None if vectors is None else vectors.shape[1], llm_dim)
-    module = Stage2Module(llm, projector)
+    module = Stage2Module(llm, projector, choice_weight=s2.choice_weight)
     engine = eng.build_engine(module, s2.lr, conf)
     counts = eng.local_parameter_counts(engine.module.llm)
     all_counts = [None] * dist.get_world_size()
@@ -149,6 +149,15 @@ def train_func(config: dict) -> None:
             ray.train.report(rec_m, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def _fingerprinted(cfg: Config) -> dict:
+    """The Stage-2 settings a trained projector depends on (not where it ran). Settings added later are
+    left out at their default, so projectors trained before they existed stay up to date."""
+    s2 = cfg.to_dict()["stage2"] | {"num_workers": None, "use_gpu": None}
+    if s2["choice_weight"] == 1.0:
+        del s2["choice_weight"]
+    return s2
+
+
 def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
            ds_overrides: dict | None = None) -> Path:
     s2 = cfg.stage2
@@ -160,7 +169,7 @@ def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
         raise FileNotFoundError("stage2 needs prepare, train-cf" + (" and stage1" if needs_s1 else "") + " outputs")
     out_dir = stage2_dir(cfg)
     fp = fingerprint({"data": m["fingerprint"], "cf": mcf["fingerprint"], "stage1": ms1["fingerprint"],
-                      "seed": cfg.seed, "stage2": cfg.to_dict()["stage2"] | {"num_workers": None, "use_gpu": None},
+                      "seed": cfg.seed, "stage2": _fingerprinted(cfg),
                       "ds": ds_overrides, "item_vectors": "standardized-v2",  # bump when F_I's inputs change
                       **({"fewshot": cfg.fewshot} if cfg.fewshot else {})})
     if not force and is_complete(out_dir, fp):

@@ -7,6 +7,8 @@ of the target title's tokens (plus eos). Logits are computed only for the answer
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,8 +65,13 @@ def soft_prompt_embeds(llm: nn.Module, projector: Stage2Projector | None, input_
 
 def stage2_loss(llm: nn.Module, projector: Stage2Projector, batch: dict[str, torch.Tensor],
                 user_reps: torch.Tensor | None, item_embs: torch.Tensor | None,
-                placeholders: Placeholders) -> torch.Tensor:
-    """Mean cross-entropy over the target title tokens (+ eos) of a left-padded batch from `collate`."""
+                placeholders: Placeholders, choice_weight: float = 1.0) -> torch.Tensor:
+    """Mean cross-entropy over the target title tokens (+ eos) of a left-padded batch from `collate`.
+
+    choice_weight: weight of each row's first target token, the one where the 20 candidates compete (the
+    later tokens mostly copy the chosen title from the prompt); 1.0 is the paper's plain mean."""
+    if not (choice_weight > 0 and math.isfinite(choice_weight)):
+        raise ValueError(f"choice_weight must be finite and > 0, got {choice_weight}")
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     is_tgt = labels != IGNORE
     n_tgt = int(is_tgt.sum(1).max())
@@ -77,5 +84,11 @@ def stage2_loss(llm: nn.Module, projector: Stage2Projector, batch: dict[str, tor
     # Position t predicts token t+1: the last n_tgt tokens are predicted by positions T-n_tgt-1 .. T-2.
     logits, _ = lm_forward(llm, embeds, mask, logits_to_keep=n_tgt + 1)
     logits = logits[:, -(n_tgt + 1):-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, -n_tgt:].reshape(-1),
-                           ignore_index=IGNORE)
+    tgt = labels[:, -n_tgt:]
+    if choice_weight == 1.0:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE)
+    ce = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=IGNORE, reduction="none")  # (B, n_tgt)
+    valid = (tgt != IGNORE).float()
+    first = valid.cumsum(1) == 1  # targets are right-aligned: a row's first valid column is its first token
+    w = valid * torch.where(first & (valid > 0), choice_weight, 1.0)
+    return (ce * w).sum() / w.sum()

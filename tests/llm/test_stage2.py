@@ -123,3 +123,29 @@ def test_bad_batches_are_rejected(tiny):
         stage2_loss(llm, proj, right_padded, user, items, pb.placeholders)
     with pytest.raises(ValueError):
         Stage2Projector(D_USER, D_ITEM, 0)
+
+
+def test_choice_weight_weights_each_rows_first_target_token(tiny):
+    """choice_weight=w: the first answer token of every row (where candidates compete) counts w times."""
+    _, llm, tok = tiny
+    pb = PromptBuilder(tok, MOVIES, 8)
+    batch, user, items = _batch(pb)
+    proj = Stage2Projector(D_USER, D_ITEM, llm.config.hidden_size)
+    with torch.no_grad():
+        plain = stage2_loss(llm, proj, batch, user, items, pb.placeholders)
+        weighted = stage2_loss(llm, proj, batch, user, items, pb.placeholders, choice_weight=5.0)
+        embeds = soft_prompt_embeds(llm, proj, batch["input_ids"], pb.placeholders, user, items)
+        mask = batch["attention_mask"]
+        logits = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+        ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE,
+                             reduction="none")
+    num = den = 0.0
+    for b in range(2):  # by hand: each row's first labelled position weighs 5, the others 1
+        pos = (batch["labels"][b, 1:] != IGNORE).nonzero().flatten().tolist()
+        w = [5.0] + [1.0] * (len(pos) - 1)
+        num += sum(wi * float(ce[b, p]) for wi, p in zip(w, pos))
+        den += sum(w)
+    assert abs(float(weighted) - num / den) < 1e-4
+    assert not torch.allclose(plain, weighted)
+    with pytest.raises(ValueError, match="choice_weight"):
+        stage2_loss(llm, proj, batch, user, items, pb.placeholders, choice_weight=0.0)
