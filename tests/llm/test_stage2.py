@@ -27,12 +27,13 @@ def _batch(pb: PromptBuilder, seed: int = 0):
     return batch, user, items
 
 
-def _reference_loss(llm, embeds, batch):
-    """Plain full-sequence causal-LM loss on the same embeddings (all logits, shifted labels)."""
+def _reference_loss(llm, embeds, batch, reduction: str = "mean"):
+    """Plain full-sequence causal-LM loss on the same embeddings (all logits, shifted labels);
+    reduction="none": (B, T-1) per position."""
     mask = batch["attention_mask"]
     logits = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
-                           ignore_index=IGNORE)
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE,
+                           reduction=reduction)
 
 
 def test_loss_matches_full_logits_reference_and_fallback(tiny, monkeypatch):
@@ -134,11 +135,8 @@ def test_choice_weight_weights_each_rows_first_target_token(tiny):
     with torch.no_grad():
         plain = stage2_loss(llm, proj, batch, user, items, pb.placeholders)
         weighted = stage2_loss(llm, proj, batch, user, items, pb.placeholders, choice_weight=5.0)
-        embeds = soft_prompt_embeds(llm, proj, batch["input_ids"], pb.placeholders, user, items)
-        mask = batch["attention_mask"]
-        logits = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
-        ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE,
-                             reduction="none")
+        ce = _reference_loss(llm, soft_prompt_embeds(llm, proj, batch["input_ids"], pb.placeholders, user, items),
+                             batch, reduction="none")
     num = den = 0.0
     for b in range(2):  # by hand: each row's first labelled position weighs 5, the others 1
         pos = (batch["labels"][b, 1:] != IGNORE).nonzero().flatten().tolist()
