@@ -27,6 +27,14 @@ def _batch(pb: PromptBuilder, seed: int = 0):
     return batch, user, items
 
 
+def _setup(tiny):
+    """(llm, prompt builder, batch, user reps, item vectors, fresh projector) on the tiny model."""
+    _, llm, tok = tiny
+    pb = PromptBuilder(tok, MOVIES, 8)
+    batch, user, items = _batch(pb)
+    return llm, pb, batch, user, items, Stage2Projector(D_USER, D_ITEM, llm.config.hidden_size)
+
+
 def _reference_loss(llm, embeds, batch, reduction: str = "mean"):
     """Plain full-sequence causal-LM loss on the same embeddings (all logits, shifted labels);
     reduction="none": (B, T-1) per position."""
@@ -54,10 +62,7 @@ def test_loss_matches_full_logits_reference_and_fallback(tiny, monkeypatch):
 
 def test_left_padding_does_not_change_a_rows_loss(tiny):
     """Each row alone vs. the padded pair: same per-token losses (positions ignore the padding)."""
-    _, llm, tok = tiny
-    pb = PromptBuilder(tok, MOVIES, 8)
-    batch, user, items = _batch(pb)
-    proj = Stage2Projector(D_USER, D_ITEM, llm.config.hidden_size)
+    llm, pb, batch, user, items, proj = _setup(tiny)
     with torch.no_grad():
         both = stage2_loss(llm, proj, batch, user, items, pb.placeholders)
         parts, counts = [], []
@@ -128,10 +133,7 @@ def test_bad_batches_are_rejected(tiny):
 
 def test_choice_weight_weights_each_rows_first_target_token(tiny):
     """choice_weight=w: the first answer token of every row (where candidates compete) counts w times."""
-    _, llm, tok = tiny
-    pb = PromptBuilder(tok, MOVIES, 8)
-    batch, user, items = _batch(pb)
-    proj = Stage2Projector(D_USER, D_ITEM, llm.config.hidden_size)
+    llm, pb, batch, user, items, proj = _setup(tiny)
     with torch.no_grad():
         plain = stage2_loss(llm, proj, batch, user, items, pb.placeholders)
         weighted = stage2_loss(llm, proj, batch, user, items, pb.placeholders, choice_weight=5.0)
