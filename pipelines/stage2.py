@@ -69,7 +69,7 @@ def train_func(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from allmrec.recommender import Example, LLMRecommender, Stage2Module, build_projector
+    from allmrec.recommender import LLMRecommender, Stage2Module, build_projector
     from pipelines import engine as eng
 
     from pipelines.common import quiet_worker_logs
@@ -77,7 +77,6 @@ def train_func(config: dict) -> None:
     cfg = config_from_dict(config["cfg"])
     s2 = cfg.stage2
     torch.set_num_threads(config["threads"])
-    rank = ray.train.get_context().get_world_rank()
     eng.init_distributed(s2.use_gpu)
     device = "cuda" if s2.use_gpu else "cpu"
     conf = eng.deepspeed_config(s2.deepspeed_config, micro_batch=s2.batch_size, zero_stage=s2.zero_stage,
@@ -103,48 +102,64 @@ def train_func(config: dict) -> None:
     # arrive in any order: sort by user and draw every rank's order from the same seed, so a swap of
     # halves only swaps which rank computes which batch (same averaged gradients, reproducible runs).
     train = _by_user(_collect(ray.train.get_dataset_shard("train")))
-    n_rows = len(train["user"])
     reps = user_reps(cf, list(train["hist"]), train["user"], device) if s2.use_user_token else None
 
+    next_title_epochs(engine, rec, train, reps, cfg, name="stage2", epochs=s2.epochs, batch_size=s2.batch_size,
+                      export_prefix="projector.", weights_file=PROJECTOR, all_counts=all_counts,
+                      fail_at_epoch=config.get("fail_at_epoch"))
+
+
+def next_title_epochs(engine, rec, train: dict, reps, cfg: Config, *, name: str, epochs: int, batch_size: int,
+                      export_prefix: str, weights_file: str, all_counts: list, fail_at_epoch: int | None,
+                      st_metadata: dict | None = None, extra_metrics: dict | None = None) -> None:
+    """The epoch loop shared by Stage-2 and TALLRec: resume, seeded batches of next-title examples, one
+    DeepSpeed step each, and per epoch a Ray Train report with a checkpoint holding the trainable weights
+    (the module's parameters under `export_prefix`, saved as `weights_file`) and the loss history."""
+    import ray.train
+    import torch.distributed as dist
+
+    from allmrec.recommender import Example
+    from pipelines import engine as eng
+
+    rank, n_rows = dist.get_rank(), len(train["user"])
     state = eng.restore(engine) or {}
     start, history = state.get("epoch", 0) + 1, state.get("history", [])
-    for epoch in range(start, s2.epochs + 1):
-        if config.get("fail_at_epoch") == epoch and not state and rank == 0:
+    for epoch in range(start, epochs + 1):
+        if fail_at_epoch == epoch and not state and rank == 0:
             raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
         t0 = time.perf_counter()
-        order = np.random.default_rng([cfg.seed, epoch, 0]).permutation(n_rows)
         # ZeRO-3 needs the same number of steps on every rank: Ray Data's split gives equal-sized shards
+        order = np.random.default_rng([cfg.seed, epoch, 0]).permutation(n_rows)
         total, n_steps, step_losses = 0.0, 0, []
-        engine.train()
-        for i in range(0, n_rows, s2.batch_size):
-            idx = order[i:i + s2.batch_size]
-            exs = [Example(None if reps is None else reps[j], train["hist"][j], train["cands"][j], int(train["target"][j]))
-                   for j in idx]
-            b = rec.batch(exs, with_target=True)
-            loss = engine(b, rec.prompts.placeholders)
+        engine.train()  # LoRA dropout on (TALLRec); the frozen LLM has no dropout in use
+        for i in range(0, n_rows, batch_size):
+            exs = [Example(None if reps is None else reps[j], train["hist"][j], train["cands"][j],
+                           int(train["target"][j])) for j in order[i:i + batch_size]]
+            loss = engine(rec.batch(exs, with_target=True), rec.prompts.placeholders)
             engine.backward(loss)
             engine.step()
             step_losses.append(float(loss.detach()))
             total += step_losses[-1]
             n_steps += 1
             if rank == 0 and n_steps % 10 == 0:
-                print(f"[stage2] epoch {epoch} step {n_steps}/{-(-n_rows // s2.batch_size)} "
+                print(f"[{name}] epoch {epoch} step {n_steps}/{-(-n_rows // batch_size)} "
                       f"loss {total / n_steps:.4f} ({(time.perf_counter() - t0) / n_steps:.2f} s/step)", flush=True)
         dt = time.perf_counter() - t0
         agg = torch.tensor([total, float(n_steps)], dtype=torch.float64)
         dist.all_reduce(agg)  # the mean loss over every rank's steps, the same on all ranks
         rec_m = {"epoch": epoch, "loss": float(agg[0] / max(agg[1], 1.0)), "seconds": round(dt, 2),
-                 "users_per_s": round(n_rows * dist.get_world_size() / max(dt, 1e-9), 3),
+                 "steps": n_steps, "s_per_step": round(dt / max(n_steps, 1), 3),
+                 "users_per_s": round(n_rows * dist.get_world_size() / max(dt, 1e-9), 3), **(extra_metrics or {}),
                  "llm_params_full": all_counts[0]["full"],
                  "llm_params_local_per_rank": [c["local"] for c in all_counts]}
         history.append({**rec_m, "step_losses": [round(v, 4) for v in step_losses]})  # for the loss curve
-        export = eng.trainable_state(engine, ("projector.",))
+        export = eng.trainable_state(engine, (export_prefix,))  # collective under ZeRO-3: every rank calls it
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=eng.CKPT_TAG, client_state={"epoch": epoch, "history": history},
                                    exclude_frozen_parameters=True)
             if rank == 0:
-                clean = {k[len("projector."):]: v.contiguous() for k, v in export.items()}
-                (Path(tmp) / PROJECTOR).write_bytes(st_save(clean))
+                clean = {k[len(export_prefix):]: v.contiguous() for k, v in export.items()}
+                (Path(tmp) / weights_file).write_bytes(st_save(clean, metadata=st_metadata))
                 (Path(tmp) / "history.json").write_text(json.dumps(history))
             ray.train.report(rec_m, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 

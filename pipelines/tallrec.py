@@ -12,15 +12,11 @@ a slice of each adapter: the export gathers them (`engine.trainable_state`) befo
 """
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import save as st_save
 
 from allmrec.artifacts import LORA, tallrec_dir
 from allmrec.config import Config, config_from_dict
@@ -28,7 +24,7 @@ from allmrec.data.load import Prepared
 from allmrec.io import fingerprint, is_complete, read_manifest
 from pipelines.common import init_ray, make_trainer, run_path
 from pipelines.stage1 import _by_user, _collect
-from pipelines.stage2 import item_titles_from, load_frozen_llm, next_title_datasets, write_output
+from pipelines.stage2 import item_titles_from, load_frozen_llm, next_title_datasets, next_title_epochs, write_output
 
 log = logging.getLogger("allmrec.tallrec")
 
@@ -45,7 +41,7 @@ def train_func(config: dict) -> None:
     import torch.distributed as dist
 
     from allmrec.llm.lora import add_lora
-    from allmrec.recommender import Example, LLMRecommender, Stage2Module
+    from allmrec.recommender import LLMRecommender, Stage2Module
     from pipelines import engine as eng
     from pipelines.common import quiet_worker_logs
 
@@ -54,7 +50,6 @@ def train_func(config: dict) -> None:
     t, s2 = cfg.tallrec, cfg.stage2
     epochs, _ = budget(cfg)
     torch.set_num_threads(config["threads"])
-    rank = ray.train.get_context().get_world_rank()
     eng.init_distributed(t.use_gpu)
     device = "cuda" if t.use_gpu else "cpu"
     conf = eng.deepspeed_config(t.deepspeed_config, micro_batch=t.batch_size, zero_stage=t.zero_stage,
@@ -75,47 +70,10 @@ def train_func(config: dict) -> None:
                          use_user_token=False, history_len=s2.history_len, max_title_tokens=s2.max_title_tokens)
     # sorted by user, every rank's order from one seed: as Stage-2, so both see the same batches
     train = _by_user(_collect(ray.train.get_dataset_shard("train")))
-    n_rows = len(train["user"])
-
-    state = eng.restore(engine) or {}
-    start, history = state.get("epoch", 0) + 1, state.get("history", [])
-    for epoch in range(start, epochs + 1):
-        if config.get("fail_at_epoch") == epoch and not state and rank == 0:
-            raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
-        t0 = time.perf_counter()
-        order = np.random.default_rng([cfg.seed, epoch, 0]).permutation(n_rows)
-        total, n_steps, step_losses = 0.0, 0, []
-        engine.train()  # LoRA dropout on
-        for i in range(0, n_rows, t.batch_size):
-            exs = [Example(None, train["hist"][j], train["cands"][j], int(train["target"][j]))
-                   for j in order[i:i + t.batch_size]]
-            loss = engine(rec.batch(exs, with_target=True), rec.prompts.placeholders)
-            engine.backward(loss)
-            engine.step()
-            step_losses.append(float(loss.detach()))
-            total += step_losses[-1]
-            n_steps += 1
-            if rank == 0 and n_steps % 10 == 0:
-                print(f"[tallrec] epoch {epoch} step {n_steps}/{-(-n_rows // t.batch_size)} "
-                      f"loss {total / n_steps:.4f} ({(time.perf_counter() - t0) / n_steps:.2f} s/step)", flush=True)
-        dt = time.perf_counter() - t0
-        agg = torch.tensor([total, float(n_steps)], dtype=torch.float64)
-        dist.all_reduce(agg)  # the mean loss over every rank's steps, the same on all ranks
-        rec_m = {"epoch": epoch, "loss": float(agg[0] / max(agg[1], 1.0)), "seconds": round(dt, 2),
-                 "steps": n_steps, "s_per_step": round(dt / max(n_steps, 1), 3),
-                 "users_per_s": round(n_rows * dist.get_world_size() / max(dt, 1e-9), 3),
-                 "lora_params": int(n_lora), "llm_params_full": all_counts[0]["full"],
-                 "llm_params_local_per_rank": [c["local"] for c in all_counts]}
-        history.append({**rec_m, "step_losses": [round(v, 4) for v in step_losses]})  # for the loss curve
-        export = eng.trainable_state(engine, ("llm.",))  # collective under ZeRO-3: every rank calls it
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag=eng.CKPT_TAG, client_state={"epoch": epoch, "history": history},
-                                   exclude_frozen_parameters=True)
-            if rank == 0:
-                clean = {k[len("llm."):]: v.contiguous() for k, v in export.items()}
-                (Path(tmp) / LORA).write_bytes(st_save(clean, metadata={"format": "allmrec-lora"}))
-                (Path(tmp) / "history.json").write_text(json.dumps(history))
-            ray.train.report(rec_m, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    next_title_epochs(engine, rec, train, None, cfg, name="tallrec", epochs=epochs, batch_size=t.batch_size,
+                      export_prefix="llm.", weights_file=LORA, all_counts=all_counts,
+                      fail_at_epoch=config.get("fail_at_epoch"), st_metadata={"format": "allmrec-lora"},
+                      extra_metrics={"lora_params": int(n_lora)})
 
 
 def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
