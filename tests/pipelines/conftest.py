@@ -51,19 +51,20 @@ def tiny_cfg_factory(ray_session, tmp_path_factory):
     return make
 
 
-def save_tiny_llama(folder: Path) -> Path:
-    """A tiny random Llama + a BPE tokenizer trained on item words, saved like any HF model folder."""
+def save_tiny_llama(folder: Path, extra_corpus: list[str] | tuple = (), vocab_size: int = 200) -> Path:
+    """A tiny random Llama + a BPE tokenizer trained on the prompt and item words (+ `extra_corpus`, e.g.
+    item titles), saved like any HF model folder."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     corpus = ["is a user representation. This user has bought in the past. Recommend an item for this user "
               "to buy next from the following set of item titles, The recommendation is not any items yet",
-              "red blue lamp glove bottle rope tent ball shoe cap model 0123456789 ().,:'!?-"]
+              "red blue lamp glove bottle rope tent ball shoe cap model 0123456789 ().,:'!?-", *extra_corpus]
     t = Tokenizer(models.BPE(unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.Metaspace()
     t.decoder = decoders.Metaspace()
-    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"]))
     t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.token_to_id("<s>"))])
     tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     torch.manual_seed(0)

@@ -22,11 +22,12 @@ from allmrec.config import load_config
 TESTS = Path(__file__).resolve().parents[1]
 
 
-def _markov_writer():
+def _pipelines_conftest():
+    """tests/pipelines/conftest.py as a module (its Markov data writer and tiny Llama builder)."""
     spec = importlib.util.spec_from_file_location("_pipelines_conftest", TESTS / "pipelines" / "conftest.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.write_markov_seq_txt
+    return mod
 
 
 def _free_port() -> int:
@@ -36,25 +37,9 @@ def _free_port() -> int:
 
 
 def _tiny_llm(folder: Path, titles: list[str]) -> None:
-    """A 2-layer random Llama + a BPE tokenizer trained on the prompt words and the item titles."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    corpus = ["is a user representation. This user has bought in the past. Recommend an item for this user "
-              "to buy next from the following set of item titles, The recommendation is not any items yet.",
-              *titles, "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 ().,:'\"!?-"]
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Metaspace()
-    t.decoder = decoders.Metaspace()
-    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
-    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.token_to_id("<s>"))])
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=1, eos_token_id=2, initializer_range=0.2)
-    LlamaForCausalLM(cfg).save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
+    """The pipeline tests' 2-layer random Llama, its tokenizer also trained on these item titles."""
+    _pipelines_conftest().save_tiny_llama(
+        folder, ["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ \"", *titles], vocab_size=300)
 
 
 def build_run(root: Path, *overrides: str):
@@ -70,7 +55,7 @@ def build_run(root: Path, *overrides: str):
     from allmrec.recommender import build_projector
     from pipelines.prepare import prepare
 
-    data = _markov_writer()(root / "raw", n_users=80, n_items=40)
+    data = _pipelines_conftest().write_markov_seq_txt(root / "raw", n_users=80, n_items=40)
     cfg = load_config(None, [
         f"run_dir={root / 'run'}", f"data.path={data}", "data.format=seq_txt", "data.k_core=2", "data.n_negatives=7",
         "data.fewshot_k=[16]", "cf.hidden=16", "cf.max_len=12", "stage1.latent=16", "stage1.sbert_trainable_layers=0",
