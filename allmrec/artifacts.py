@@ -94,9 +94,28 @@ def load_projector(directory: Path, cfg: Config, cf_dim: int, item_dim: int | No
         path = Path(directory) / PROJECTOR
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: run `allmrec stage2` for this variant first")
+        _check_prompt(Path(directory), cfg)
         proj.load_state_dict(st_load(path.read_bytes()))
         proj.eval()
     return proj
+
+
+# Prompt settings a projector is tied to (with their defaults for outputs written before they existed).
+PROMPT_KEYS = {"item_token_position": "after", "chat_prompt": False}
+
+
+def _check_prompt(directory: Path, cfg: Config) -> None:
+    """Refuse to use a projector with a prompt layout it was not trained on (it would run, silently worse)."""
+    import yaml
+    saved = directory / "config.yaml"
+    if not saved.exists():
+        return
+    trained = (yaml.safe_load(saved.read_text()) or {}).get("stage2", {})
+    for key, default in PROMPT_KEYS.items():
+        was, now = trained.get(key, default), getattr(cfg.stage2, key)
+        if was != now:
+            raise ValueError(f"the projector in {directory} was trained with stage2.{key}={was}, "
+                             f"not {now}: set stage2.{key}={was}")
 
 
 def item_titles(prep: Prepared) -> list[str]:
@@ -143,5 +162,6 @@ def load_recommender(cfg: Config, variant: str = "allmrec", device: str = "cpu",
         llm = load_lora(llm, path, models.tallrec).to(device)
     rec = LLMRecommender(llm, tok, item_titles(prep), cfg.data.domain, projector=projector, item_vectors=vectors,
                          use_user_token=cfg.stage2.use_user_token, history_len=cfg.stage2.history_len,
-                         max_title_tokens=cfg.stage2.max_title_tokens)
+                         max_title_tokens=cfg.stage2.max_title_tokens, chat_prompt=cfg.stage2.chat_prompt,
+                         item_position=cfg.stage2.item_token_position)
     return rec, cf, prep

@@ -121,6 +121,12 @@ class Stage2Config:
     # weight of the first target token in the loss (where the candidates compete; later tokens mostly copy
     # the chosen title): 1.0 = the paper's plain mean over tokens (docs/results.md, "choice vs copy")
     choice_weight: float = 1.0
+    # wrap the prompt in the tokenizer's chat template (user turn = the question, the assistant turn starts
+    # "The recommendation is"); false = the paper's plain prompt (docs/results.md, "chat prompt")
+    chat_prompt: bool = False
+    # where an item's soft token goes: after its title (the paper's "[title][emb]") or before it. Causal
+    # attention lets a title's tokens read an embedding only when it comes first (docs/results.md)
+    item_token_position: str = "after"
     max_users: int | None = None
     num_workers: int = 1
     use_gpu: bool = False
@@ -229,6 +235,7 @@ class Config:
               "stage2.llm_dtype must be auto|float32|bfloat16|float16")
         check(self.stage2.item_tokens in {"joint", "sbert", "random", "none", "mlp"},
               "stage2.item_tokens must be joint|sbert|random|none|mlp")
+        check(self.stage2.item_token_position in {"after", "before"}, "stage2.item_token_position must be after|before")
         check(self.stage2.choice_weight > 0 and math.isfinite(self.stage2.choice_weight),
               "stage2.choice_weight must be finite and > 0")
         check(self.eval.mode in {"rank", "generate", "both"}, "eval.mode must be rank|generate|both")

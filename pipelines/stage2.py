@@ -97,7 +97,8 @@ def train_func(config: dict) -> None:
     titles = item_titles_from(_collect(ray.train.get_dataset_shard("items")))
     rec = LLMRecommender(engine.module.llm, tok, titles, cfg.data.domain, projector=engine.module.projector,
                          item_vectors=vectors, use_user_token=s2.use_user_token, history_len=s2.history_len,
-                         max_title_tokens=s2.max_title_tokens)
+                         max_title_tokens=s2.max_title_tokens, chat_prompt=s2.chat_prompt,
+                         item_position=s2.item_token_position)
     # Ray Data's split may hand the two halves to the ranks either way round, and a block's rows may
     # arrive in any order: sort by user and draw every rank's order from the same seed, so a swap of
     # halves only swaps which rank computes which batch (same averaged gradients, reproducible runs).
@@ -168,8 +169,9 @@ def _fingerprinted(cfg: Config) -> dict:
     """The Stage-2 settings a trained projector depends on (not where it ran). Settings added later are
     left out at their default, so projectors trained before they existed stay up to date."""
     s2 = cfg.to_dict()["stage2"] | {"num_workers": None, "use_gpu": None}
-    if s2["choice_weight"] == 1.0:
-        del s2["choice_weight"]
+    for key, default in (("choice_weight", 1.0), ("chat_prompt", False), ("item_token_position", "after")):
+        if s2[key] == default:
+            del s2[key]
     return s2
 
 

@@ -67,7 +67,8 @@ def train_func(config: dict) -> None:
     titles = item_titles_from(_collect(ray.train.get_dataset_shard("items")))
     # The LLM-Only prompt: no projector, no item vectors, no user token.
     rec = LLMRecommender(engine.module.llm, tok, titles, cfg.data.domain, projector=None, item_vectors=None,
-                         use_user_token=False, history_len=s2.history_len, max_title_tokens=s2.max_title_tokens)
+                         use_user_token=False, history_len=s2.history_len, max_title_tokens=s2.max_title_tokens,
+                         chat_prompt=s2.chat_prompt)
     # sorted by user, every rank's order from one seed: as Stage-2, so both see the same batches
     train = _by_user(_collect(ray.train.get_dataset_shard("train")))
     next_title_epochs(engine, rec, train, None, cfg, name="tallrec", epochs=epochs, batch_size=t.batch_size,
@@ -90,6 +91,7 @@ def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
                       "tallrec": cfg.to_dict()["tallrec"] | {"num_workers": None, "use_gpu": None},
                       "llm": {k: getattr(s2, k) for k in ("llm", "llm_dtype", "bf16", "history_len", "max_title_tokens")},
                       "domain": cfg.to_dict()["data"]["domain"], "ds": ds_overrides,
+                      **({"chat_prompt": True} if s2.chat_prompt else {}),
                       **({"fewshot": cfg.fewshot} if cfg.fewshot else {})})
     if not force and is_complete(out_dir, fp):
         log.info("tallrec: %s is up to date; use --force to retrain", out_dir)

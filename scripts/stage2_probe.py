@@ -36,8 +36,23 @@ def hit1(scores: np.ndarray, pos: np.ndarray) -> float:
     return float(np.mean((scores >= tgt[:, None]).sum(1) == 1))
 
 
-def probe(cfg, variant: str, rows, batch: int = 4) -> dict:
+def ablate(b: dict, how: str, reps_of_others: list | None, n_hist: list[int]) -> dict:
+    """Destroy one source of CF signal, keeping the text: `user` swaps in another user's representation,
+    `items` permutes the candidates' soft tokens among the candidates of a prompt (titles stay)."""
+    if how == "user" and "user_reps" in b:
+        b["user_reps"] = torch.as_tensor(np.stack(reps_of_others), dtype=b["user_reps"].dtype)
+    if how == "items" and "item_embs" in b:
+        g = torch.Generator().manual_seed(0)
+        for r, h in enumerate(n_hist):
+            n_c = int(b["n_item_slots"][r]) - h
+            b["item_embs"][r, h:h + n_c] = b["item_embs"][r, h:h + n_c][torch.randperm(n_c, generator=g)]
+    return b
+
+
+def probe(cfg, variant: str, rows, batch: int = 4, how: str = "none") -> dict:
     rec, cf, _ = load_recommender(cfg, variant)
+    all_reps = (user_reps(cf, [np.asarray(h) for h in rows["history"]], rows["user"].to_numpy())
+                if rec.use_user_token else None)
     out = {"norm": [], "sum": [], "first": [], "pos": [], "nll_first": [], "nll_rest": [], "floor": []}
     for s in range(0, len(rows), batch):
         part = rows.iloc[s:s + batch]
@@ -49,6 +64,9 @@ def probe(cfg, variant: str, rows, batch: int = 4) -> dict:
             cands.append(c)
             exs.append(Example(reps[j], hists[j], c, int(t)))
         b = rec.batch(exs, with_target=False)
+        others = None if all_reps is None else [all_reps[(s + j + 1) % len(rows)] for j in range(len(part))]
+        n_hist = [min(len(h), rec.history_len) if rec.history_len else 0 for h in hists]
+        b = ablate(b, how, others, n_hist)
         with torch.no_grad():
             emb = rec.embeds(b)
             ids = [[rec.target_ids(i) for i in c] for c in cands]
@@ -78,6 +96,8 @@ def main() -> None:
     ap.add_argument("--config", default="configs/ml100k.yaml")
     ap.add_argument("--users", type=int, default=100)
     ap.add_argument("--variants", nargs="+", default=["llm_only", "allmrec"])
+    ap.add_argument("--ablate", choices=["none", "user", "items"], default="none",
+                    help="user: another user's representation; items: candidates' soft tokens permuted")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -85,11 +105,11 @@ def main() -> None:
     from pipelines.evaluate import eval_rows  # the same seeded users and candidates as `allmrec evaluate`
     rows = eval_rows(cfg, Prepared(Path(cfg.run_dir) / "data"))
     rows = rows[rows.scenario == "overall"].reset_index(drop=True)
-    print(f"run {cfg.run_dir}, {len(rows)} seeded test users, chance hit@1 = 0.05\n")
+    print(f"run {cfg.run_dir}, {len(rows)} seeded test users, ablation {a.ablate}, chance hit@1 = 0.05\n")
     print("| variant | hit@1 norm | hit@1 sum | hit@1 first token | NLL first token | log(#distinct first tokens) "
           "| NLL per later token | n |\n|---|---|---|---|---|---|---|---|")
     for v in a.variants:
-        r = probe(cfg, v, rows)
+        r = probe(cfg, v, rows, how=a.ablate)
         print(f"| {v} | {r['hit1_norm']:.4f} | {r['hit1_sum']:.4f} | {r['hit1_first']:.4f} | {r['nll_first']:.3f} "
               f"| {r['floor_first']:.3f} | {r['nll_rest']:.3f} | {r['n']} |", flush=True)
 

@@ -1,4 +1,4 @@
-"""Item vectors fed to the Stage-2 item projector."""
+"""Item vectors fed to the Stage-2 item projector, and the prompt layout a projector is tied to."""
 import numpy as np
 import pytest
 
@@ -60,3 +60,20 @@ def test_candidate_order_of_an_anonymous_history():
         candidate_order(cands, 0)
     with pytest.raises(ValueError, match=">= 0"):
         candidate_order(cands, 0, user=-1)
+
+
+def test_a_projector_refuses_a_prompt_layout_it_was_not_trained_on(tmp_path):
+    from safetensors.torch import save_file
+
+    from allmrec.artifacts import PROJECTOR, load_projector
+    from allmrec.config import load_config
+    from allmrec.recommender import build_projector
+
+    trained = load_config(None, ["stage2.item_token_position=before"])
+    save_file(build_projector("joint", True, 4, 3, 8).state_dict(), tmp_path / PROJECTOR)
+    trained.dump(tmp_path / "config.yaml")
+    assert load_projector(tmp_path, trained, 4, 3, 8) is not None
+    with pytest.raises(ValueError, match="item_token_position=before"):
+        load_projector(tmp_path, load_config(None, []), 4, 3, 8)
+    (tmp_path / "config.yaml").write_text("seed: 1\n")  # written before the setting existed: the default
+    assert load_projector(tmp_path, load_config(None, []), 4, 3, 8) is not None

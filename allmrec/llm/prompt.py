@@ -64,7 +64,7 @@ class PromptBuilder:
     """
 
     def __init__(self, tokenizer: Any, domain: Any, max_title_tokens: int, use_user_token: bool = True,
-                 item_tokens: bool = True) -> None:
+                 item_tokens: bool = True, chat: bool = False, item_position: str = "after") -> None:
         if max_title_tokens < 1:
             raise ValueError(f"max_title_tokens must be >= 1, got {max_title_tokens}")
         verb, noun, plural = (str(getattr(domain, k, "") or "").strip() for k in ("verb", "noun", "plural"))
@@ -73,7 +73,10 @@ class PromptBuilder:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token: targets must end with one")
         self.tok = tokenizer
+        if item_position not in ("after", "before"):
+            raise ValueError(f"item_position must be 'after' or 'before', got {item_position!r}")
         self.max_title_tokens = max_title_tokens
+        self.item_position = item_position
         self.use_user_token = use_user_token
         self.item_tokens = item_tokens
         self.eos_id: int = tokenizer.eos_token_id
@@ -91,6 +94,23 @@ class PromptBuilder:
         self.prefix_ids: list[int] = next(
             (with_sp[:i] for i in range(len(with_sp) - len(without) + 1)
              if with_sp[i:i + len(without)] == without), [])
+        # chat=True: the question is the user turn of the tokenizer's chat template and the answer starts
+        # the assistant turn ("The recommendation is ..."). An instruction-tuned LLM then answers from
+        # the list instead of continuing free text, and the user soft token is no longer position 0 (the
+        # attention sink of Llama-family models when no BOS is added).
+        self.chat = chat
+        self._chat_close: list[int] = []
+        if chat:
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError("prompt chat=True needs a tokenizer with a chat template; this one has none")
+            mark = "\x00ALLMREC\x00"
+            text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
+                                                 add_generation_prompt=True)
+            if text.count(mark) != 1:
+                raise ValueError("the chat template does not show the user message verbatim")
+            head, tail = text.split(mark)
+            self.prefix_ids = tokenizer(head, add_special_tokens=False).input_ids
+            self._chat_close = tokenizer(tail, add_special_tokens=False).input_ids
 
         present = getattr(domain, "verb_present", None) or _PRESENT.get(verb.lower())
         article = "an" if noun[0].lower() in "aeiou" else "a"
@@ -137,9 +157,8 @@ class PromptBuilder:
         for k, t in enumerate(titles):
             if k:
                 ids += self._text(",")
-            ids += self.title_ids(t)
-            if self.item_tokens:
-                ids.append(self.placeholders.item_id)
+            slot = [self.placeholders.item_id] if self.item_tokens else []
+            ids += (slot + self.title_ids(t)) if self.item_position == "before" else (self.title_ids(t) + slot)
         return ids
 
     # -- prompts --------------------------------------------------------------------------------
@@ -165,7 +184,7 @@ class PromptBuilder:
             raise ValueError("a prompt needs at least one candidate title")
         ids = self._user_and_history(history_titles)
         ids += self._text(self._ask) + self._titles(candidate_titles) + self._text(".")
-        ids += self._text(" The recommendation is")
+        ids += self._chat_close + self._text(("" if self.chat else " ") + "The recommendation is")
         labels = [IGNORE] * len(ids)
         if target_title is not None:
             tgt = self.target_ids(target_title)
@@ -182,7 +201,7 @@ class PromptBuilder:
         question = " ".join(str(question).split())
         if not question:
             raise ValueError("build_question needs a non-empty question")
-        ids = self._user_and_history(history_titles) + self._text(" " + question)
+        ids = self._user_and_history(history_titles) + self._text(" " + question) + self._chat_close
         n_slots = len(history_titles) if self.item_tokens else 0
         return Encoded(ids, [IGNORE] * len(ids), n_slots, len(history_titles), 0)
 

@@ -79,6 +79,45 @@ def test_titles_truncated_exactly_and_labels_cover_target_only(tokenizers_by_sty
     assert pb.build([long_title], ["Jaws"]).labels == [IGNORE] * len(pb.build([long_title], ["Jaws"]).input_ids)
 
 
+def test_chat_prompt_wraps_the_question_in_the_template(tokenizers_by_style):
+    from tests.llm.conftest import _llama_tokenizer
+    tok = _llama_tokenizer()  # a fresh one: the chat template and its tokens are ours to add
+    with pytest.raises(ValueError, match="chat template"):
+        PromptBuilder(tok, MOVIES, 16, chat=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    plain, chat = PromptBuilder(tok, MOVIES, 16), PromptBuilder(tok, MOVIES, 16, chat=True)
+    p, c = plain.build(HIST, CANDS, "Heat (1995)"), chat.build(HIST, CANDS, "Heat (1995)")
+    ids = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+    head, tail = ids("<|im_start|>user\n"), ids("<|im_end|>\n<|im_start|>assistant\n")
+    ask, tgt = ids(" The recommendation is"), chat.target_ids("Heat (1995)")
+    body = p.input_ids[len(plain.prefix_ids): -len(ask) - len(tgt)]  # the question, from the user token on
+    assert body[0] == chat.placeholders.user_id
+    assert c.input_ids == head + body + tail + ids("The recommendation is") + tgt  # the paper's words, in turns
+    assert c.labels[-len(tgt):] == tgt and set(c.labels[:-len(tgt)]) == {IGNORE}
+    assert (c.n_item_slots, c.n_candidates) == (p.n_item_slots, p.n_candidates)
+    q = chat.build_question(HIST, "Which genres?").input_ids
+    assert q[:len(head)] == head and q[-len(tail):] == tail
+
+
+def test_item_tokens_before_titles(tokenizers_by_style):
+    tok, _ = tokenizers_by_style["opt"]
+    after, before = PromptBuilder(tok, MOVIES, 16), PromptBuilder(tok, MOVIES, 16, item_position="before")
+    a, b = after.build(HIST, CANDS, "Heat (1995)"), before.build(HIST, CANDS, "Heat (1995)")
+    text = tok.decode(b.input_ids, skip_special_tokens=False)
+    assert "This user has watched<|item_emb|> The Matrix (1999),<|item_emb|> Toy Story (1995)" in text
+    assert "titles,<|item_emb|> Heat (1995),<|item_emb|> Casino (1995)" in text
+    # the same tokens, moved: every title now follows its slot, so its tokens can attend to the embedding
+    assert sorted(a.input_ids) == sorted(b.input_ids) and a.labels[-6:] == b.labels[-6:]
+    item = before.placeholders.item_id
+    for k, t in enumerate(HIST + CANDS):
+        at = [i for i, x in enumerate(b.input_ids) if x == item][k]
+        assert b.input_ids[at + 1: at + 1 + len(before.title_ids(t))] == before.title_ids(t)
+    with pytest.raises(ValueError, match="item_position"):
+        PromptBuilder(tok, MOVIES, 16, item_position="middle")
+
+
 def test_collate_left_pads_and_right_aligns_targets(tokenizers_by_style):
     tok, _ = tokenizers_by_style["llama"]  # pad == eos here: the mask must not come from the ids
     pb = PromptBuilder(tok, MOVIES, 16)
