@@ -91,7 +91,8 @@ class MoRec(SASRec):
             text = torch.zeros(n_items + 1, c["text_dim"])
             self._text_ready = False
         else:
-            text = torch.as_tensor(np.asarray(text_emb, dtype=np.float32)) if not isinstance(text_emb, torch.Tensor) \
+            # a copy either way: the buffer must not share memory with a read-only (e.g. Ray object store) array
+            text = torch.tensor(np.asarray(text_emb, dtype=np.float32)) if not isinstance(text_emb, torch.Tensor) \
                 else text_emb.detach().float().clone()
             if text.dim() != 2 or text.shape[0] != n_items + 1 or text.shape[1] < 1:
                 raise ValueError(f"morec: text_emb must be (n_items + 1, dim) = ({n_items + 1}, dim), row 0 = "
