@@ -9,6 +9,9 @@ On evaluation's seeded test users (same candidates, same shuffled order), for ea
 - the target's negative log-likelihood split into the first token and the rest (nats per token). A
   model that copies perfectly but chooses uniformly pays log(#distinct first tokens) on the first token
   and ~0 on the rest; only a first-token NLL below that shows the CF signal getting through.
+With `--ablate user` (another user's representation) or `--ablate items` (the candidates' soft tokens
+shuffled among the candidates), it shows which CF input the choice reads: an input the model ignores
+costs nothing when destroyed. Put config overrides before `--variants`.
 Prints a markdown table; no files written.
 """
 from __future__ import annotations
