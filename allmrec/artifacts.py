@@ -100,19 +100,18 @@ def load_projector(directory: Path, cfg: Config, cf_dim: int, item_dim: int | No
     return proj
 
 
-# Prompt settings a projector is tied to (with their defaults for outputs written before they existed).
-PROMPT_KEYS = {"item_token_position": "after", "chat_prompt": False}
-
-
 def _check_prompt(directory: Path, cfg: Config) -> None:
-    """Refuse to use a projector with a prompt layout it was not trained on (it would run, silently worse)."""
+    """Refuse to use a projector with a prompt layout it was not trained on (it would run, silently worse).
+    A setting missing from an older config.yaml had its default then."""
     import yaml
+
+    from allmrec.config import Stage2Config
     saved = directory / "config.yaml"
     if not saved.exists():
         return
     trained = (yaml.safe_load(saved.read_text()) or {}).get("stage2", {})
-    for key, default in PROMPT_KEYS.items():
-        was, now = trained.get(key, default), getattr(cfg.stage2, key)
+    for key in ("chat_prompt", "item_token_position"):
+        was, now = trained.get(key, getattr(Stage2Config, key)), getattr(cfg.stage2, key)
         if was != now:
             raise ValueError(f"the projector in {directory} was trained with stage2.{key}={was}, "
                              f"not {now}: set stage2.{key}={was}")
@@ -161,7 +160,5 @@ def load_recommender(cfg: Config, variant: str = "allmrec", device: str = "cpu",
         # not merged: the fp32 adapters stay exact on a bf16 LLM (merging would round them to bf16)
         llm = load_lora(llm, path, models.tallrec).to(device)
     rec = LLMRecommender(llm, tok, item_titles(prep), cfg.data.domain, projector=projector, item_vectors=vectors,
-                         use_user_token=cfg.stage2.use_user_token, history_len=cfg.stage2.history_len,
-                         max_title_tokens=cfg.stage2.max_title_tokens, chat_prompt=cfg.stage2.chat_prompt,
-                         item_position=cfg.stage2.item_token_position)
+                         use_user_token=cfg.stage2.use_user_token, **cfg.stage2.prompt())
     return rec, cf, prep

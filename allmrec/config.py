@@ -137,6 +137,13 @@ class Stage2Config:
     # and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32; or float32 | bfloat16 | float16
     llm_dtype: str = "auto"
 
+    # the settings that shape the prompt text: what a trained projector or adapter is tied to
+    PROMPT_KEYS = ("history_len", "max_title_tokens", "chat_prompt", "item_token_position")
+
+    def prompt(self) -> dict:
+        """LLMRecommender's prompt keyword arguments."""
+        return {k: getattr(self, k) for k in self.PROMPT_KEYS}
+
 
 @dataclass
 class TallrecConfig:

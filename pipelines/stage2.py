@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 from safetensors.torch import save as st_save
 
-from allmrec.config import Config, config_from_dict
+from allmrec.config import Config, Stage2Config, config_from_dict
 from allmrec.data import schema
 from allmrec.data.load import Prepared
 from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
@@ -96,9 +96,7 @@ def train_func(config: dict) -> None:
 
     titles = item_titles_from(_collect(ray.train.get_dataset_shard("items")))
     rec = LLMRecommender(engine.module.llm, tok, titles, cfg.data.domain, projector=engine.module.projector,
-                         item_vectors=vectors, use_user_token=s2.use_user_token, history_len=s2.history_len,
-                         max_title_tokens=s2.max_title_tokens, chat_prompt=s2.chat_prompt,
-                         item_position=s2.item_token_position)
+                         item_vectors=vectors, use_user_token=s2.use_user_token, **s2.prompt())
     # Ray Data's split may hand the two halves to the ranks either way round, and a block's rows may
     # arrive in any order: sort by user and draw every rank's order from the same seed, so a swap of
     # halves only swaps which rank computes which batch (same averaged gradients, reproducible runs).
@@ -169,8 +167,8 @@ def _fingerprinted(cfg: Config) -> dict:
     """The Stage-2 settings a trained projector depends on (not where it ran). Settings added later are
     left out at their default, so projectors trained before they existed stay up to date."""
     s2 = cfg.to_dict()["stage2"] | {"num_workers": None, "use_gpu": None}
-    for key, default in (("choice_weight", 1.0), ("chat_prompt", False), ("item_token_position", "after")):
-        if s2[key] == default:
+    for key in ("choice_weight", "chat_prompt", "item_token_position"):
+        if s2[key] == getattr(Stage2Config, key):
             del s2[key]
     return s2
 

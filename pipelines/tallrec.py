@@ -67,8 +67,7 @@ def train_func(config: dict) -> None:
     titles = item_titles_from(_collect(ray.train.get_dataset_shard("items")))
     # The LLM-Only prompt: no projector, no item vectors, no user token.
     rec = LLMRecommender(engine.module.llm, tok, titles, cfg.data.domain, projector=None, item_vectors=None,
-                         use_user_token=False, history_len=s2.history_len, max_title_tokens=s2.max_title_tokens,
-                         chat_prompt=s2.chat_prompt)
+                         use_user_token=False, **s2.prompt())
     # sorted by user, every rank's order from one seed: as Stage-2, so both see the same batches
     train = _by_user(_collect(ray.train.get_dataset_shard("train")))
     next_title_epochs(engine, rec, train, None, cfg, name="tallrec", epochs=epochs, batch_size=t.batch_size,

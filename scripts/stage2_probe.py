@@ -55,19 +55,19 @@ def ablate(b: dict, how: str, reps_of_others: list | None, n_hist: list[int]) ->
 def probe(cfg, variant: str, rows, batch: int = 4, how: str = "none") -> dict:
     rec, cf, _ = load_recommender(cfg, variant)
     all_reps = (user_reps(cf, [np.asarray(h) for h in rows["history"]], rows["user"].to_numpy())
-                if rec.use_user_token else None)
+                if rec.use_user_token else [None] * len(rows))
     out = {"norm": [], "sum": [], "first": [], "pos": [], "nll_first": [], "nll_rest": [], "floor": []}
     for s in range(0, len(rows), batch):
         part = rows.iloc[s:s + batch]
         hists = [np.asarray(h) for h in part["history"]]
-        reps = user_reps(cf, hists, part["user"].to_numpy()) if rec.use_user_token else [None] * len(part)
+        reps = all_reps[s:s + batch]
         exs, cands = [], []
         for j, (u, t, negs) in enumerate(zip(part["user"], part["target"], part["negatives"])):
             c = candidate_order([int(t), *map(int, negs)], cfg.seed, user=u)
             cands.append(c)
             exs.append(Example(reps[j], hists[j], c, int(t)))
         b = rec.batch(exs, with_target=False)
-        others = None if all_reps is None else [all_reps[(s + j + 1) % len(rows)] for j in range(len(part))]
+        others = [all_reps[(s + j + 1) % len(rows)] for j in range(len(part))]  # the next user's
         n_hist = [min(len(h), rec.history_len) if rec.history_len else 0 for h in hists]
         b = ablate(b, how, others, n_hist)
         with torch.no_grad():
