@@ -110,7 +110,7 @@ def _check_prompt(directory: Path, cfg: Config) -> None:
     if not saved.exists():
         return
     trained = (yaml.safe_load(saved.read_text()) or {}).get("stage2", {})
-    for key in ("chat_prompt", "item_token_position"):
+    for key in Stage2Config.LAYOUT_KEYS:
         was, now = trained.get(key, getattr(Stage2Config, key)), getattr(cfg.stage2, key)
         if was != now:
             raise ValueError(f"the projector in {directory} was trained with stage2.{key}={was}, "

@@ -127,6 +127,10 @@ class Stage2Config:
     # where an item's soft token goes: after its title (the paper's "[title][emb]") or before it. Causal
     # attention lets a title's tokens read an embedding only when it comes first (docs/results.md)
     item_token_position: str = "after"
+    # where the user's soft token goes: at the very start (the paper's "[user] is a user representation.
+    # This user has watched ...") or after the history sentence, just before the question. Position 0 is
+    # the attention sink of a model that gets no BOS token (docs/results.md)
+    user_token_position: str = "start"
     max_users: int | None = None
     num_workers: int = 1
     use_gpu: bool = False
@@ -138,7 +142,9 @@ class Stage2Config:
     llm_dtype: str = "auto"
 
     # the settings that shape the prompt text: what a trained projector or adapter is tied to
-    PROMPT_KEYS = ("history_len", "max_title_tokens", "chat_prompt", "item_token_position")
+    PROMPT_KEYS = ("history_len", "max_title_tokens", "chat_prompt", "item_token_position", "user_token_position")
+    # the layout options added after the paper's prompt: checked when a projector is loaded
+    LAYOUT_KEYS = ("chat_prompt", "item_token_position", "user_token_position")
 
     def prompt(self) -> dict:
         """LLMRecommender's prompt keyword arguments."""
@@ -243,6 +249,8 @@ class Config:
         check(self.stage2.item_tokens in {"joint", "sbert", "random", "none", "mlp"},
               "stage2.item_tokens must be joint|sbert|random|none|mlp")
         check(self.stage2.item_token_position in {"after", "before"}, "stage2.item_token_position must be after|before")
+        check(self.stage2.user_token_position in {"start", "after_history"},
+              "stage2.user_token_position must be start|after_history")
         check(self.stage2.choice_weight > 0 and math.isfinite(self.stage2.choice_weight),
               "stage2.choice_weight must be finite and > 0")
         check(self.eval.mode in {"rank", "generate", "both"}, "eval.mode must be rank|generate|both")

@@ -113,7 +113,8 @@ class Stage2Module(nn.Module):
 class LLMRecommender:
     def __init__(self, llm: nn.Module, tokenizer, titles: Sequence[str], domain, *, projector: Stage2Projector | None,
                  item_vectors: np.ndarray | None, use_user_token: bool, history_len: int = 10,
-                 max_title_tokens: int = 16, chat_prompt: bool = False, item_token_position: str = "after"):
+                 max_title_tokens: int = 16, chat_prompt: bool = False, item_token_position: str = "after",
+                 user_token_position: str = "start"):
         if projector is None and (item_vectors is not None or use_user_token):
             raise ValueError("soft tokens need a projector (LLM-Only uses neither user nor item tokens)")
         self.llm, self.tokenizer, self.projector = llm, tokenizer, projector
@@ -123,7 +124,7 @@ class LLMRecommender:
         self.history_len = history_len
         self.prompts = PromptBuilder(tokenizer, domain, max_title_tokens, use_user_token=use_user_token,
                                      item_tokens=item_vectors is not None, chat=chat_prompt,
-                                     item_position=item_token_position)
+                                     item_position=item_token_position, user_position=user_token_position)
         self._target_ids: dict[int, list[int]] = {}
 
     @property

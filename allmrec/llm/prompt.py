@@ -64,7 +64,8 @@ class PromptBuilder:
     """
 
     def __init__(self, tokenizer: Any, domain: Any, max_title_tokens: int, use_user_token: bool = True,
-                 item_tokens: bool = True, chat: bool = False, item_position: str = "after") -> None:
+                 item_tokens: bool = True, chat: bool = False, item_position: str = "after",
+                 user_position: str = "start") -> None:
         if max_title_tokens < 1:
             raise ValueError(f"max_title_tokens must be >= 1, got {max_title_tokens}")
         verb, noun, plural = (str(getattr(domain, k, "") or "").strip() for k in ("verb", "noun", "plural"))
@@ -75,8 +76,11 @@ class PromptBuilder:
         self.tok = tokenizer
         if item_position not in ("after", "before"):
             raise ValueError(f"item_position must be 'after' or 'before', got {item_position!r}")
+        if user_position not in ("start", "after_history"):
+            raise ValueError(f"user_position must be 'start' or 'after_history', got {user_position!r}")
         self.max_title_tokens = max_title_tokens
         self.item_position = item_position
+        self.user_position = user_position
         self.use_user_token = use_user_token
         self.item_tokens = item_tokens
         self.eos_id: int = tokenizer.eos_token_id
@@ -163,18 +167,19 @@ class PromptBuilder:
 
     # -- prompts --------------------------------------------------------------------------------
     def _user_and_history(self, history_titles: Sequence[str]) -> list[int]:
-        """Prefix, user sentence and history sentence: the part every prompt starts with."""
-        ids = list(self.prefix_ids)
-        sep = ""
-        if self.use_user_token:
-            ids += [self.placeholders.user_id] + self._text(" is a user representation.")
-            sep = " "
+        """Prefix, user sentence and history sentence: the part every prompt starts with. The user
+        sentence comes first (the paper) or after the history (user_position="after_history")."""
+        user = ([self.placeholders.user_id] + self._text(" is a user representation.")) if self.use_user_token else []
+        first = self.user_position == "start"
+        sep = " " if (first and user) else ""
         if len(history_titles):
-            ids += self._text(sep + self._history_intro) + self._titles(history_titles)
-            ids += self._text(self._history_outro)
+            history = self._text(sep + self._history_intro) + self._titles(history_titles)
+            history += self._text(self._history_outro)
         else:
-            ids += self._text(sep + self._empty_history)
-        return ids
+            history = self._text(sep + self._empty_history)
+        if first:
+            return list(self.prefix_ids) + user + history
+        return list(self.prefix_ids) + history + (self._text(" ") + user if user else [])
 
     def build(self, history_titles: Sequence[str], candidate_titles: Sequence[str],
               target_title: str | None = None) -> Encoded:

@@ -118,6 +118,28 @@ def test_item_tokens_before_titles(tokenizers_by_style):
         PromptBuilder(tok, MOVIES, 16, item_position="middle")
 
 
+def test_user_token_after_history(tokenizers_by_style):
+    tok, _ = tokenizers_by_style["opt"]
+    start, late = PromptBuilder(tok, MOVIES, 16), PromptBuilder(tok, MOVIES, 16, user_position="after_history")
+    a, b = start.build(HIST, CANDS, "Heat (1995)"), late.build(HIST, CANDS, "Heat (1995)")
+    text = tok.decode(b.input_ids, skip_special_tokens=False)
+    assert text.startswith("</s>This user has watched The Matrix (1999)<|item_emb|>")
+    assert ("Fargo (1996)<|item_emb|> in the past. <|user_emb|> is a user representation. Recommend a movie"
+            in text)
+    # the user slot is no longer right after the prefix; item slots and target are unchanged in order
+    user = late.placeholders.user_id
+    assert a.input_ids.index(user) == len(start.prefix_ids) < b.input_ids.index(user)
+    assert a.n_item_slots == b.n_item_slots and a.labels[-6:] == b.labels[-6:]
+    q = tok.decode(late.build_question(HIST, "Which genres?").input_ids, skip_special_tokens=False)
+    assert q.endswith("in the past. <|user_emb|> is a user representation. Which genres?")
+    empty = tok.decode(late.build([], CANDS).input_ids, skip_special_tokens=False)
+    assert "This user has not watched any movies yet. <|user_emb|> is a user representation." in empty
+    no_user = PromptBuilder(tok, MOVIES, 16, use_user_token=False, user_position="after_history")
+    assert user not in no_user.build(HIST, CANDS).input_ids
+    with pytest.raises(ValueError, match="user_position"):
+        PromptBuilder(tok, MOVIES, 16, user_position="end")
+
+
 def test_collate_left_pads_and_right_aligns_targets(tokenizers_by_style):
     tok, _ = tokenizers_by_style["llama"]  # pad == eos here: the mask must not come from the ids
     pb = PromptBuilder(tok, MOVIES, 16)
