@@ -167,7 +167,7 @@ def _fingerprinted(cfg: Config) -> dict:
     """The Stage-2 settings a trained projector depends on (not where it ran). Settings added later are
     left out at their default, so projectors trained before they existed stay up to date."""
     s2 = cfg.to_dict()["stage2"] | {"num_workers": None, "use_gpu": None}
-    for key in ("choice_weight", "chat_prompt", "item_token_position"):
+    for key in ("choice_weight", *Stage2Config.LAYOUT_KEYS):
         if s2[key] == getattr(Stage2Config, key):
             del s2[key]
     return s2
