@@ -108,6 +108,10 @@ class Stage1Config:
     deepspeed_config: str = "configs/deepspeed/zero0.json"
 
 
+ITEM_TOKEN_POSITIONS = ("after", "before")  # an item's soft token after its title (the paper) or before it
+USER_TOKEN_POSITIONS = ("start", "after_history")  # the user sentence first (the paper) or after the history
+
+
 @dataclass
 class Stage2Config:
     llm: str = "packaged:SmolLM2-135M-Instruct"  # or any HF causal LM name/path
@@ -142,9 +146,9 @@ class Stage2Config:
     llm_dtype: str = "auto"
 
     # the settings that shape the prompt text: what a trained projector or adapter is tied to
-    PROMPT_KEYS = ("history_len", "max_title_tokens", "chat_prompt", "item_token_position", "user_token_position")
     # the layout options added after the paper's prompt: checked when a projector is loaded
     LAYOUT_KEYS = ("chat_prompt", "item_token_position", "user_token_position")
+    PROMPT_KEYS = ("history_len", "max_title_tokens", *LAYOUT_KEYS)
 
     def prompt(self) -> dict:
         """LLMRecommender's prompt keyword arguments."""
@@ -248,9 +252,10 @@ class Config:
               "stage2.llm_dtype must be auto|float32|bfloat16|float16")
         check(self.stage2.item_tokens in {"joint", "sbert", "random", "none", "mlp"},
               "stage2.item_tokens must be joint|sbert|random|none|mlp")
-        check(self.stage2.item_token_position in {"after", "before"}, "stage2.item_token_position must be after|before")
-        check(self.stage2.user_token_position in {"start", "after_history"},
-              "stage2.user_token_position must be start|after_history")
+        check(self.stage2.item_token_position in ITEM_TOKEN_POSITIONS,
+              f"stage2.item_token_position must be {'|'.join(ITEM_TOKEN_POSITIONS)}")
+        check(self.stage2.user_token_position in USER_TOKEN_POSITIONS,
+              f"stage2.user_token_position must be {'|'.join(USER_TOKEN_POSITIONS)}")
         check(self.stage2.choice_weight > 0 and math.isfinite(self.stage2.choice_weight),
               "stage2.choice_weight must be finite and > 0")
         check(self.eval.mode in {"rank", "generate", "both"}, "eval.mode must be rank|generate|both")

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import torch
 
+from allmrec.config import ITEM_TOKEN_POSITIONS, USER_TOKEN_POSITIONS
+
 USER_TOKEN = "<|user_emb|>"
 ITEM_TOKEN = "<|item_emb|>"
 IGNORE = -100  # label of positions without loss (torch cross_entropy's ignore_index)
@@ -74,10 +76,10 @@ class PromptBuilder:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token: targets must end with one")
         self.tok = tokenizer
-        if item_position not in ("after", "before"):
-            raise ValueError(f"item_position must be 'after' or 'before', got {item_position!r}")
-        if user_position not in ("start", "after_history"):
-            raise ValueError(f"user_position must be 'start' or 'after_history', got {user_position!r}")
+        if item_position not in ITEM_TOKEN_POSITIONS:
+            raise ValueError(f"item_position must be one of {ITEM_TOKEN_POSITIONS}, got {item_position!r}")
+        if user_position not in USER_TOKEN_POSITIONS:
+            raise ValueError(f"user_position must be one of {USER_TOKEN_POSITIONS}, got {user_position!r}")
         self.max_title_tokens = max_title_tokens
         self.item_position = item_position
         self.user_position = user_position
