@@ -12,6 +12,9 @@ On evaluation's seeded test users (same candidates, same shuffled order), for ea
 With `--ablate user` (another user's representation) or `--ablate items` (the candidates' soft tokens
 shuffled among the candidates), it shows which CF input the choice reads: an input the model ignores
 costs nothing when destroyed. Put config overrides before `--variants`.
+Which signal the choice follows: how often the variant's top candidate (length-normalized) is also the
+most popular candidate (training counts) or the CF model's top candidate, and the mean per-user
+Spearman correlation of its candidate scores with log popularity and with the CF scores.
 Prints a markdown table; no files written.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from allmrec.artifacts import load_recommender, user_reps  # noqa: E402
+from allmrec.cf.trainer import popularity_scores, score_candidates  # noqa: E402
 from allmrec.config import load_config  # noqa: E402
 from allmrec.data.load import Prepared  # noqa: E402
 from allmrec.llm.ranking import rank_candidates  # noqa: E402
@@ -37,6 +41,14 @@ def hit1(scores: np.ndarray, pos: np.ndarray) -> float:
     """Hit@1 with ties counted against the target (as evaluation does)."""
     tgt = scores[np.arange(len(pos)), pos]
     return float(np.mean((scores >= tgt[:, None]).sum(1) == 1))
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over rows of the rank correlation between a[r] and b[r] (ties broken by position)."""
+    ra, rb = a.argsort(1).argsort(1).astype(float), b.argsort(1).argsort(1).astype(float)
+    ra -= ra.mean(1, keepdims=True)
+    rb -= rb.mean(1, keepdims=True)
+    return float(np.mean((ra * rb).sum(1) / np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))))
 
 
 def ablate(b: dict, how: str, reps_of_others: list | None, n_hist: list[int]) -> dict:
@@ -53,10 +65,10 @@ def ablate(b: dict, how: str, reps_of_others: list | None, n_hist: list[int]) ->
 
 
 def probe(cfg, variant: str, rows, batch: int = 4, how: str = "none") -> dict:
-    rec, cf, _ = load_recommender(cfg, variant)
+    rec, cf, prep = load_recommender(cfg, variant)
     all_reps = (user_reps(cf, [np.asarray(h) for h in rows["history"]], rows["user"].to_numpy())
                 if rec.use_user_token else [None] * len(rows))
-    out = {"norm": [], "sum": [], "first": [], "pos": [], "nll_first": [], "nll_rest": [], "floor": []}
+    out = {"norm": [], "sum": [], "first": [], "pos": [], "nll_first": [], "nll_rest": [], "floor": [], "cands": []}
     for s in range(0, len(rows), batch):
         part = rows.iloc[s:s + batch]
         hists = [np.asarray(h) for h in part["history"]]
@@ -83,11 +95,20 @@ def probe(cfg, variant: str, rows, batch: int = 4, how: str = "none") -> dict:
         out["sum"].append(raw)
         out["first"].append(first)
         out["pos"].append(pos)
+        out["cands"] += cands
         out["nll_first"] += list(-first[r, pos])
         out["nll_rest"] += list(-(raw[r, pos] - first[r, pos]) / np.maximum(lens[r, pos] - 1, 1))
         out["floor"] += [math.log(len({x[0] for x in c})) for c in ids]
     pos = np.concatenate(out["pos"])
-    return {"variant": variant, "n": len(pos),
+    norm, cands = np.concatenate(out["norm"]), np.array(out["cands"], dtype=np.int64)
+    pop = np.log1p(popularity_scores([q[:-2] for q in prep.sequences["seq"]], prep.n_items)[cands])
+    cf_scores = score_candidates(cf, [np.asarray(h) for h in rows["history"]], rows["user"].to_numpy(), cands)
+    top = norm.argmax(1)
+    r = np.arange(len(top))
+    agree = {"agree_pop": float(np.mean(pop[r, top] == pop.max(1))), "agree_cf": float(np.mean(top == cf_scores.argmax(1))),
+             "rho_pop": spearman(norm, pop), "rho_cf": spearman(norm, cf_scores),
+             "cf_agree_pop": float(np.mean(pop[r, cf_scores.argmax(1)] == pop.max(1)))}
+    return {**agree,"variant": variant, "n": len(pos),
             "hit1_norm": hit1(np.concatenate(out["norm"]), pos), "hit1_sum": hit1(np.concatenate(out["sum"]), pos),
             "hit1_first": hit1(np.concatenate(out["first"]), pos),
             "nll_first": float(np.mean(out["nll_first"])), "floor_first": float(np.mean(out["floor"])),
@@ -111,10 +132,18 @@ def main() -> None:
     print(f"run {cfg.run_dir}, {len(rows)} seeded test users, ablation {a.ablate}, chance hit@1 = 0.05\n")
     print("| variant | hit@1 norm | hit@1 sum | hit@1 first token | NLL first token | log(#distinct first tokens) "
           "| NLL per later token | n |\n|---|---|---|---|---|---|---|---|")
+    agree = []
     for v in a.variants:
         r = probe(cfg, v, rows, how=a.ablate)
         print(f"| {v} | {r['hit1_norm']:.4f} | {r['hit1_sum']:.4f} | {r['hit1_first']:.4f} | {r['nll_first']:.3f} "
               f"| {r['floor_first']:.3f} | {r['nll_rest']:.3f} | {r['n']} |", flush=True)
+        agree.append(r)
+    print("\n| variant | top-1 = most popular's | top-1 = CF model's | Spearman with log popularity "
+          "| Spearman with CF scores |\n|---|---|---|---|---|")
+    for r in agree:
+        print(f"| {r['variant']} | {r['agree_pop']:.2f} | {r['agree_cf']:.2f} | {r['rho_pop']:.3f} | {r['rho_cf']:.3f} |")
+    if agree:
+        print(f"\n(the CF model's own top-1 is the most popular candidate for {agree[0]['cf_agree_pop']:.2f} of these users)")
 
 
 if __name__ == "__main__":
