@@ -108,7 +108,7 @@ def probe(cfg, variant: str, rows, batch: int = 4, how: str = "none") -> dict:
     agree = {"agree_pop": float(np.mean(pop[r, top] == pop.max(1))), "agree_cf": float(np.mean(top == cf_scores.argmax(1))),
              "rho_pop": spearman(norm, pop), "rho_cf": spearman(norm, cf_scores),
              "cf_agree_pop": float(np.mean(pop[r, cf_scores.argmax(1)] == pop.max(1))), "cf_rho_pop": spearman(cf_scores, pop)}
-    return {**agree,"variant": variant, "n": len(pos),
+    return {**agree, "variant": variant, "n": len(pos),
             "hit1_norm": hit1(np.concatenate(out["norm"]), pos), "hit1_sum": hit1(np.concatenate(out["sum"]), pos),
             "hit1_first": hit1(np.concatenate(out["first"]), pos),
             "nll_first": float(np.mean(out["nll_first"])), "floor_first": float(np.mean(out["floor"])),
