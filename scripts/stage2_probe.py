@@ -107,7 +107,8 @@ def probe(cfg, variant: str, rows, batch: int = 4, how: str = "none") -> dict:
     r = np.arange(len(top))
     agree = {"agree_pop": float(np.mean(pop[r, top] == pop.max(1))), "agree_cf": float(np.mean(top == cf_scores.argmax(1))),
              "rho_pop": spearman(norm, pop), "rho_cf": spearman(norm, cf_scores),
-             "cf_agree_pop": float(np.mean(pop[r, cf_scores.argmax(1)] == pop.max(1))), "cf_rho_pop": spearman(cf_scores, pop)}
+             "cf_agree_pop": float(np.mean(pop[r, cf_scores.argmax(1)] == pop.max(1))), "cf_rho_pop": spearman(cf_scores, pop),
+             "cf_hit1": hit1(cf_scores, pos)}
     return {**agree, "variant": variant, "n": len(pos),
             "hit1_norm": hit1(np.concatenate(out["norm"]), pos), "hit1_sum": hit1(np.concatenate(out["sum"]), pos),
             "hit1_first": hit1(np.concatenate(out["first"]), pos),
@@ -143,8 +144,8 @@ def main() -> None:
     for r in agree:
         print(f"| {r['variant']} | {r['agree_pop']:.2f} | {r['agree_cf']:.2f} | {r['rho_pop']:.3f} | {r['rho_cf']:.3f} |")
     if agree:
-        print(f"\n(the CF model's own top-1 is the most popular candidate for {agree[0]['cf_agree_pop']:.2f} of these users; "
-              f"its Spearman with log popularity is {agree[0]['cf_rho_pop']:.3f})")
+        print(f"\n(the CF model on these users: hit@1 {agree[0]['cf_hit1']:.4f}; its top-1 is the most popular candidate "
+              f"for {agree[0]['cf_agree_pop']:.2f} of them; its Spearman with log popularity is {agree[0]['cf_rho_pop']:.3f})")
 
 
 if __name__ == "__main__":
