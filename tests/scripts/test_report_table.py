@@ -40,3 +40,13 @@ def test_refuses_different_candidate_sets(tmp_path):
 def test_missing_report_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no report.json"):
         report_table.load(str(tmp_path / "nope"))
+
+
+def test_generation_metric_column(tmp_path):
+    d = tmp_path / "g"
+    d.mkdir()
+    r = {"meta": {"data": "d", "seed": 1, "mode": "generate", "users_overall": 4, "users_cold": 0},
+         "metrics": {"allmrec": {"overall": {"n": 4, "gen_hit@1": 0.25, "gen_no_candidate": 0.5}}}}
+    (d / "report.json").write_text(json.dumps(r))
+    out = report_table.table([report_table.load(str(d))], metric="gen_hit@1")
+    assert "overall gen_hit@1" in out and "| allmrec | 0.2500 ± 0.217 |" in out  # sqrt(.25*.75/4) = .2165
