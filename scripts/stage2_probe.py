@@ -51,6 +51,13 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((ra * rb).sum(1) / np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))))
 
 
+def follows(scores: np.ndarray, pop: np.ndarray, cf_scores: np.ndarray) -> dict:
+    """How a scorer's choice relates to popularity and to the CF model (all arrays (users, candidates))."""
+    top, r = scores.argmax(1), np.arange(len(scores))
+    return {"agree_pop": float(np.mean(pop[r, top] == pop.max(1))), "agree_cf": float(np.mean(top == cf_scores.argmax(1))),
+            "rho_pop": spearman(scores, pop), "rho_cf": spearman(scores, cf_scores)}
+
+
 def ablate(b: dict, how: str, reps_of_others: list | None, n_hist: list[int]) -> dict:
     """Destroy one source of CF signal, keeping the text: `user` swaps in another user's representation,
     `items` permutes the candidates' soft tokens among the candidates of a prompt (titles stay)."""
@@ -103,14 +110,9 @@ def probe(cfg, variant: str, rows, batch: int = 4, how: str = "none") -> dict:
     norm, cands = np.concatenate(out["norm"]), np.array(out["cands"], dtype=np.int64)
     pop = np.log1p(popularity_scores([q[:-2] for q in prep.sequences["seq"]], prep.n_items)[cands])
     cf_scores = score_candidates(cf, [np.asarray(h) for h in rows["history"]], rows["user"].to_numpy(), cands)
-    top = norm.argmax(1)
-    r = np.arange(len(top))
-    agree = {"agree_pop": float(np.mean(pop[r, top] == pop.max(1))), "agree_cf": float(np.mean(top == cf_scores.argmax(1))),
-             "rho_pop": spearman(norm, pop), "rho_cf": spearman(norm, cf_scores),
-             "cf_agree_pop": float(np.mean(pop[r, cf_scores.argmax(1)] == pop.max(1))), "cf_rho_pop": spearman(cf_scores, pop),
-             "cf_hit1": hit1(cf_scores, pos)}
-    return {**agree, "variant": variant, "n": len(pos),
-            "hit1_norm": hit1(np.concatenate(out["norm"]), pos), "hit1_sum": hit1(np.concatenate(out["sum"]), pos),
+    return {**follows(norm, pop, cf_scores), "variant": variant, "n": len(pos),
+            "cf": {**follows(cf_scores, pop, cf_scores), "hit1": hit1(cf_scores, pos)},  # the reference itself
+            "hit1_norm": hit1(norm, pos), "hit1_sum": hit1(np.concatenate(out["sum"]), pos),
             "hit1_first": hit1(np.concatenate(out["first"]), pos),
             "nll_first": float(np.mean(out["nll_first"])), "floor_first": float(np.mean(out["floor"])),
             "nll_rest": float(np.mean(out["nll_rest"]))}
@@ -133,19 +135,20 @@ def main() -> None:
     print(f"run {cfg.run_dir}, {len(rows)} seeded test users, ablation {a.ablate}, chance hit@1 = 0.05\n")
     print("| variant | hit@1 norm | hit@1 sum | hit@1 first token | NLL first token | log(#distinct first tokens) "
           "| NLL per later token | n |\n|---|---|---|---|---|---|---|---|")
-    agree = []
+    results = []
     for v in a.variants:
         r = probe(cfg, v, rows, how=a.ablate)
         print(f"| {v} | {r['hit1_norm']:.4f} | {r['hit1_sum']:.4f} | {r['hit1_first']:.4f} | {r['nll_first']:.3f} "
               f"| {r['floor_first']:.3f} | {r['nll_rest']:.3f} | {r['n']} |", flush=True)
-        agree.append(r)
+        results.append(r)
     print("\n| variant | top-1 = most popular's | top-1 = CF model's | Spearman with log popularity "
           "| Spearman with CF scores |\n|---|---|---|---|---|")
-    for r in agree:
+    for r in results:
         print(f"| {r['variant']} | {r['agree_pop']:.2f} | {r['agree_cf']:.2f} | {r['rho_pop']:.3f} | {r['rho_cf']:.3f} |")
-    if agree:
-        print(f"\n(the CF model on these users: hit@1 {agree[0]['cf_hit1']:.4f}; its top-1 is the most popular candidate "
-              f"for {agree[0]['cf_agree_pop']:.2f} of them; its Spearman with log popularity is {agree[0]['cf_rho_pop']:.3f})")
+    if results:
+        cf = results[0]["cf"]
+        print(f"\n(the CF model on these users: hit@1 {cf['hit1']:.4f}; its top-1 is the most popular candidate "
+              f"for {cf['agree_pop']:.2f} of them; its Spearman with log popularity is {cf['rho_pop']:.3f})")
 
 
 if __name__ == "__main__":
