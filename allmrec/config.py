@@ -109,7 +109,8 @@ class Stage1Config:
 
 
 ITEM_TOKEN_POSITIONS = ("after", "before")  # an item's soft token after its title (the paper) or before it
-USER_TOKEN_POSITIONS = ("start", "after_history")  # the user sentence first (the paper) or after the history
+# the user sentence first (the paper), after the history, or the user's soft token alone as the last prompt token
+USER_TOKEN_POSITIONS = ("start", "after_history", "answer")
 
 
 @dataclass
@@ -132,8 +133,11 @@ class Stage2Config:
     # attention lets a title's tokens read an embedding only when it comes first (docs/results.md)
     item_token_position: str = "after"
     # where the user's soft token goes: at the very start (the paper's "[user] is a user representation.
-    # This user has watched ...") or after the history sentence, just before the question. Position 0 is
-    # the attention sink of a model that gets no BOS token (docs/results.md)
+    # This user has watched ...") or after the history sentence, just before the question (position 0 is
+    # the attention sink of a model that gets no BOS token), or "answer": alone, as the last prompt token
+    # ("... The recommendation is[user] <title>"). With "[emb]title" candidates the answer then continues
+    # the way a candidate's title continues its [emb]: an induction head of the frozen LLM can copy the
+    # title whose [emb] matches [user] (docs/results.md, "The user token at the answer")
     user_token_position: str = "start"
     max_users: int | None = None
     num_workers: int = 1

@@ -4,6 +4,9 @@
     Recommend a movie for this user to watch next from the following set of movie titles,
     <c_1>[item], ..., <c_20>[item]. The recommendation is  ->  " <target title><eos>"
 
+(Layout options, off by default: each [item] before its title; the user sentence after the history, or
+the user's soft token alone right after "The recommendation is".)
+
 The prompt is built from token ids, not from one string: each text segment and each title is
 tokenized on its own and the ids are concatenated. That makes title truncation exact (every title is
 " " + title cut to `max_title_tokens` tokens, the very ids the target and the ranking use) and marks
@@ -170,8 +173,10 @@ class PromptBuilder:
     # -- prompts --------------------------------------------------------------------------------
     def _user_and_history(self, history_titles: Sequence[str]) -> list[int]:
         """Prefix, user sentence and history sentence: the part every prompt starts with. The user
-        sentence comes first (the paper) or after the history (user_position="after_history")."""
-        user = ([self.placeholders.user_id] + self._text(" is a user representation.")) if self.use_user_token else []
+        sentence comes first (the paper) or after the history (user_position="after_history"); with
+        user_position="answer" there is none (the user's soft token ends the prompt, see `_user_last`)."""
+        has_sentence = self.use_user_token and self.user_position != "answer"
+        user = ([self.placeholders.user_id] + self._text(" is a user representation.")) if has_sentence else []
         first = self.user_position == "start"
         sep = " " if (first and user) else ""
         if len(history_titles):
@@ -183,6 +188,10 @@ class PromptBuilder:
             return list(self.prefix_ids) + user + history
         return list(self.prefix_ids) + history + (self._text(" ") + user if user else [])
 
+    def _user_last(self) -> list[int]:
+        """The user's soft token as the last prompt token (user_position="answer"), else nothing."""
+        return [self.placeholders.user_id] if self.use_user_token and self.user_position == "answer" else []
+
     def build(self, history_titles: Sequence[str], candidate_titles: Sequence[str],
               target_title: str | None = None) -> Encoded:
         if isinstance(history_titles, str) or isinstance(candidate_titles, str):
@@ -191,7 +200,7 @@ class PromptBuilder:
             raise ValueError("a prompt needs at least one candidate title")
         ids = self._user_and_history(history_titles)
         ids += self._text(self._ask) + self._titles(candidate_titles) + self._text(".")
-        ids += self._chat_close + self._text(("" if self.chat else " ") + "The recommendation is")
+        ids += self._chat_close + self._text(("" if self.chat else " ") + "The recommendation is") + self._user_last()
         labels = [IGNORE] * len(ids)
         if target_title is not None:
             tgt = self.target_ids(target_title)
@@ -209,6 +218,7 @@ class PromptBuilder:
         if not question:
             raise ValueError("build_question needs a non-empty question")
         ids = self._user_and_history(history_titles) + self._text(" " + question) + self._chat_close
+        ids += self._user_last()
         n_slots = len(history_titles) if self.item_tokens else 0
         return Encoded(ids, [IGNORE] * len(ids), n_slots, len(history_titles), 0)
 

@@ -140,6 +140,27 @@ def test_user_token_after_history(tokenizers_by_style):
         PromptBuilder(tok, MOVIES, 16, user_position="end")
 
 
+def test_user_token_at_the_answer(tokenizers_by_style):
+    tok, _ = tokenizers_by_style["llama"]
+    pb = PromptBuilder(tok, MOVIES, 16, item_position="before", user_position="answer")
+    e = pb.build(HIST, CANDS, "Heat (1995)")
+    user, item = pb.placeholders.user_id, pb.placeholders.item_id
+    n_prompt = e.labels.index(next(x for x in e.labels if x != -100))
+    # exactly one user slot, the last prompt token; the answer follows it the way a candidate's title
+    # follows that candidate's item slot
+    assert e.input_ids.count(user) == 1 and e.input_ids[n_prompt - 1] == user
+    tgt = pb.target_ids("Heat (1995)")
+    assert e.input_ids[n_prompt:] == tgt
+    heat = [i for i, x in enumerate(e.input_ids) if x == item][len(HIST) + CANDS.index("Heat (1995)")]
+    assert e.input_ids[heat + 1: heat + len(tgt)] == tgt[:-1]
+    text = tok.decode(e.input_ids[:n_prompt], skip_special_tokens=False)
+    assert "is a user representation" not in text and text.endswith("The recommendation is<|user_emb|>")
+    q = pb.build_question(HIST, "Which genres?").input_ids
+    assert q.count(user) == 1 and q[-1] == user
+    no_user = PromptBuilder(tok, MOVIES, 16, use_user_token=False, user_position="answer")
+    assert user not in no_user.build(HIST, CANDS).input_ids
+
+
 def test_collate_left_pads_and_right_aligns_targets(tokenizers_by_style):
     tok, _ = tokenizers_by_style["llama"]  # pad == eos here: the mask must not come from the ids
     pb = PromptBuilder(tok, MOVIES, 16)
