@@ -95,6 +95,10 @@ class PromptBuilder:
         uid, iid = tokenizer.convert_tokens_to_ids([USER_TOKEN, ITEM_TOKEN])
         fill = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.placeholders = Placeholders(user_id=uid, item_id=iid, fill_id=fill)
+        # user_position="answer": no user sentence; the user's soft token alone ends every prompt
+        at_answer = use_user_token and user_position == "answer"
+        self._user_tail: list[int] = [uid] if at_answer else []
+        self._user_sentence = use_user_token and not at_answer
 
         # Leading special ids the tokenizer adds by default (OPT: </s>, Llama: <s>, SmolLM2: none).
         # We add exactly those once, at the start, and nothing the tokenizer would not add itself.
@@ -174,9 +178,8 @@ class PromptBuilder:
     def _user_and_history(self, history_titles: Sequence[str]) -> list[int]:
         """Prefix, user sentence and history sentence: the part every prompt starts with. The user
         sentence comes first (the paper) or after the history (user_position="after_history"); with
-        user_position="answer" there is none (the user's soft token ends the prompt, see `_user_last`)."""
-        has_sentence = self.use_user_token and self.user_position != "answer"
-        user = ([self.placeholders.user_id] + self._text(" is a user representation.")) if has_sentence else []
+        user_position="answer" there is none (the user's soft token ends the prompt: `_user_tail`)."""
+        user = ([self.placeholders.user_id] + self._text(" is a user representation.")) if self._user_sentence else []
         first = self.user_position == "start"
         sep = " " if (first and user) else ""
         if len(history_titles):
@@ -188,10 +191,6 @@ class PromptBuilder:
             return list(self.prefix_ids) + user + history
         return list(self.prefix_ids) + history + (self._text(" ") + user if user else [])
 
-    def _user_last(self) -> list[int]:
-        """The user's soft token as the last prompt token (user_position="answer"), else nothing."""
-        return [self.placeholders.user_id] if self.use_user_token and self.user_position == "answer" else []
-
     def build(self, history_titles: Sequence[str], candidate_titles: Sequence[str],
               target_title: str | None = None) -> Encoded:
         if isinstance(history_titles, str) or isinstance(candidate_titles, str):
@@ -200,7 +199,7 @@ class PromptBuilder:
             raise ValueError("a prompt needs at least one candidate title")
         ids = self._user_and_history(history_titles)
         ids += self._text(self._ask) + self._titles(candidate_titles) + self._text(".")
-        ids += self._chat_close + self._text(("" if self.chat else " ") + "The recommendation is") + self._user_last()
+        ids += self._chat_close + self._text(("" if self.chat else " ") + "The recommendation is") + self._user_tail
         labels = [IGNORE] * len(ids)
         if target_title is not None:
             tgt = self.target_ids(target_title)
@@ -218,7 +217,7 @@ class PromptBuilder:
         if not question:
             raise ValueError("build_question needs a non-empty question")
         ids = self._user_and_history(history_titles) + self._text(" " + question) + self._chat_close
-        ids += self._user_last()
+        ids += self._user_tail
         n_slots = len(history_titles) if self.item_tokens else 0
         return Encoded(ids, [IGNORE] * len(ids), n_slots, len(history_titles), 0)
 
