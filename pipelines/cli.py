@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         if job == "genres":  # positional words without "=" are LLM variants: allmrec genres -c C allmrec llm_only
             s.add_argument("--max-users", type=int, default=100, help="seeded subset of test users (0: all)")
             s.add_argument("--max-new-tokens", type=int, default=24)
+        if job == "stage2":
+            s.add_argument("--continue", dest="extend", action="store_true",
+                           help="train the finished Stage-2 on to stage2.epochs from its last epoch")
         if job == "run":
             s.add_argument("--no-serve", action="store_true", help="do not start the service at the end")
     return p
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             print(stage1.summary(stage1.stage1(cfg, force=args.force)))
         elif args.job == "stage2":
             from pipelines import stage2
-            print(stage2.summary(stage2.stage2(cfg, force=args.force)))
+            print(stage2.summary(stage2.stage2(cfg, force=args.force, extend=args.extend)))
         elif args.job == "tallrec":
             from pipelines import tallrec
             print(tallrec.summary(tallrec.tallrec(cfg, force=args.force)))

@@ -74,10 +74,13 @@ def save_and_report(engine, metrics: dict[str, Any], client_state: dict[str, Any
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def restore(engine) -> dict[str, Any] | None:
-    """Load the latest reported checkpoint into `engine`; returns its client state, or None."""
+def restore(engine, start_from: str | None = None) -> dict[str, Any] | None:
+    """Load the latest reported checkpoint into `engine` (else the checkpoint folder `start_from` of an
+    earlier run, if given); returns its client state, or None."""
     import ray.train
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and start_from:
+        ckpt = ray.train.Checkpoint.from_directory(start_from)
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:

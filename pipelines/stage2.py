@@ -105,15 +105,17 @@ def train_func(config: dict) -> None:
 
     next_title_epochs(engine, rec, train, reps, cfg, name="stage2", epochs=s2.epochs, batch_size=s2.batch_size,
                       export_prefix="projector.", weights_file=PROJECTOR, all_counts=all_counts,
-                      fail_at_epoch=config.get("fail_at_epoch"))
+                      fail_at_epoch=config.get("fail_at_epoch"), start_from=config.get("start_from"))
 
 
 def next_title_epochs(engine, rec, train: dict, reps, cfg: Config, *, name: str, epochs: int, batch_size: int,
                       export_prefix: str, weights_file: str, all_counts: list, fail_at_epoch: int | None,
-                      st_metadata: dict | None = None, extra_metrics: dict | None = None) -> None:
+                      st_metadata: dict | None = None, extra_metrics: dict | None = None,
+                      start_from: str | None = None) -> None:
     """The epoch loop shared by Stage-2 and TALLRec: resume, seeded batches of next-title examples, one
     DeepSpeed step each, and per epoch a Ray Train report with a checkpoint holding the trainable weights
-    (the module's parameters under `export_prefix`, saved as `weights_file`) and the loss history."""
+    (the module's parameters under `export_prefix`, saved as `weights_file`) and the loss history.
+    `start_from`: an earlier run's checkpoint folder to go on from (`allmrec stage2 --continue`)."""
     import ray.train
     import torch.distributed as dist
 
@@ -121,10 +123,13 @@ def next_title_epochs(engine, rec, train: dict, reps, cfg: Config, *, name: str,
     from pipelines import engine as eng
 
     rank, n_rows = dist.get_rank(), len(train["user"])
-    state = eng.restore(engine) or {}
+    state = eng.restore(engine, start_from) or {}
     start, history = state.get("epoch", 0) + 1, state.get("history", [])
+    if rank == 0 and state:
+        print(f"[{name}] going on after epoch {start - 1} of a checkpoint", flush=True)
     for epoch in range(start, epochs + 1):
-        if fail_at_epoch == epoch and not state and rank == 0:
+        # test hook: fail once, after this attempt has reported a checkpoint of its own to resume from
+        if fail_at_epoch == epoch and epoch > start and rank == 0:
             raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
         t0 = time.perf_counter()
         # ZeRO-3 needs the same number of steps on every rank: Ray Data's split gives equal-sized shards
@@ -173,8 +178,30 @@ def _fingerprinted(cfg: Config) -> dict:
     return s2
 
 
+def _continued_checkpoint(cfg: Config, out_dir: Path, fp_with_epochs) -> tuple[str, dict]:
+    """The final Ray Train checkpoint of the finished Stage-2 in `out_dir`, to train on from it with more
+    epochs, and the manifest's record of it. Only the epoch count may differ: the learning rate is
+    constant and each epoch's order is seeded by its number, so 2 epochs + 2 more are 4 epochs."""
+    old = read_manifest(out_dir)
+    if old is None:
+        raise FileNotFoundError(f"--continue: no finished Stage-2 in {out_dir} to continue")
+    done = int(old.get("epochs_run", 0))
+    if done >= cfg.stage2.epochs:
+        raise ValueError(f"--continue: {out_dir} already has {done} epochs; set stage2.epochs above {done}")
+    old_fp = fp_with_epochs(done)
+    if old.get("fingerprint") != old_fp:
+        raise ValueError(f"--continue: the Stage-2 in {out_dir} was trained with other settings or inputs "
+                         "than these (only stage2.epochs may change); retrain it instead")
+    ckpts = sorted(d for d in run_path(cfg, "ray_results", f"stage2-{old_fp}").glob("checkpoint_*") if d.is_dir())
+    if not ckpts or len(json.loads((ckpts[-1] / "history.json").read_text())) != done:
+        raise FileNotFoundError(f"--continue: the epoch-{done} checkpoint of {out_dir} is gone from ray_results")
+    return str(ckpts[-1]), {"fingerprint": old_fp, "epochs": done}
+
+
 def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
-           ds_overrides: dict | None = None) -> Path:
+           ds_overrides: dict | None = None, extend: bool = False) -> Path:
+    """Train Stage-2 (skipped when up to date). `extend`: go on from the finished run's last epoch to
+    `stage2.epochs`, with its optimizer state, instead of training again from scratch."""
     s2 = cfg.stage2
     data_dir, cf_dir = run_path(cfg, "data"), run_path(cfg, "cf")
     m, mcf = read_manifest(data_dir), read_manifest(cf_dir)
@@ -183,13 +210,17 @@ def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
     if m is None or mcf is None or ms1 is None:
         raise FileNotFoundError("stage2 needs prepare, train-cf" + (" and stage1" if needs_s1 else "") + " outputs")
     out_dir = stage2_dir(cfg)
-    fp = fingerprint({"data": m["fingerprint"], "cf": mcf["fingerprint"], "stage1": ms1["fingerprint"],
-                      "seed": cfg.seed, "stage2": _fingerprinted(cfg),
-                      "ds": ds_overrides, "item_vectors": "standardized-v2",  # bump when F_I's inputs change
-                      **({"fewshot": cfg.fewshot} if cfg.fewshot else {})})
+
+    def fp_with_epochs(epochs: int) -> str:
+        return fingerprint({"data": m["fingerprint"], "cf": mcf["fingerprint"], "stage1": ms1["fingerprint"],
+                            "seed": cfg.seed, "stage2": _fingerprinted(cfg) | {"epochs": epochs},
+                            "ds": ds_overrides, "item_vectors": "standardized-v2",  # bump when F_I's inputs change
+                            **({"fewshot": cfg.fewshot} if cfg.fewshot else {})})
+    fp = fp_with_epochs(s2.epochs)
     if not force and is_complete(out_dir, fp):
         log.info("stage2: %s is up to date; use --force to retrain", out_dir)
         return out_dir
+    resume, continued = _continued_checkpoint(cfg, out_dir, fp_with_epochs) if extend else (None, None)
     if s2.item_tokens == "none" and not s2.use_user_token:
         raise ValueError("nothing to train: LLM-Only (no user token, no item tokens) has no projector")
     ray = init_ray(cfg)
@@ -203,13 +234,13 @@ def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
     trainer = make_trainer(
         cfg, f"stage2-{fp}", train_func,
         {"cfg": cfg.to_dict(), "cf_files": cf_files, "item_vectors": vectors, "fail_at_epoch": fail_at_epoch,
-         "ds_overrides": ds_overrides},
+         "ds_overrides": ds_overrides, "start_from": resume},
         {"train": train_ds, "items": items_ds},
         num_workers=s2.num_workers, use_gpu=s2.use_gpu, max_failures=cfg.cf.max_failures, force=force)
     result = trainer.fit()
     train_s = time.perf_counter() - t0
     write_output(result, out_dir, PROJECTOR, cfg, train_s, "Stage-2 loss (next-title cross-entropy)", {
-        "fingerprint": fp, "job": "stage2",
+        "fingerprint": fp, "job": "stage2", **({"continued_from": continued} if continued else {}),
         "variant": {"item_tokens": s2.item_tokens, "use_user_token": s2.use_user_token},
         "llm": s2.llm, "zero_stage": s2.zero_stage, "workers": s2.num_workers})
     return out_dir
@@ -258,6 +289,9 @@ def item_titles_from(items: dict[str, np.ndarray]) -> list[str]:
 def summary(out_dir: Path) -> str:
     m = read_manifest(out_dir) or {}
     f = m.get("final") or {}
-    return (f"stage2 -> {out_dir}: {m.get('epochs_run')} epochs in {m.get('train_seconds')} s, final loss "
+    done = m.get("continued_from", {}).get("epochs")
+    n = m.get("epochs_run")
+    epochs = f"{n} epochs" + (f" ({done + 1}-{n} here, on top of a {done}-epoch run)" if done else "")
+    return (f"stage2 -> {out_dir}: {epochs} in {m.get('train_seconds')} s, final loss "
             f"{f.get('loss', float('nan')):.4f}, {f.get('users_per_s')} users/s; ZeRO-{m.get('zero_stage')} "
             f"LLM parameters per rank {f.get('llm_params_local_per_rank')} of {f.get('llm_params_full')}")

@@ -78,7 +78,9 @@ def save_tiny_llama(folder: Path, extra_corpus: list[str] | tuple = (), vocab_si
 
 @pytest.fixture(scope="session")
 def trained_tiny(tiny_cfg_factory, tmp_path_factory):
-    """A tiny run with CF, Stage-1 (frozen SBERT: fast) and Stage-2 (tiny Llama, 2 workers ZeRO-3) done."""
+    """A tiny run with CF, Stage-1 (frozen SBERT: fast) and Stage-2 (tiny Llama, 2 workers ZeRO-3) done.
+    Stage-1's rank 0 fails at epoch 2 and its job resumes from the epoch-1 checkpoint (fault tolerance
+    tested here: a separate job would cost another worker-group start-up)."""
     from pipelines.stage1 import stage1
     from pipelines.stage2 import stage2
     from pipelines.train_cf import train_cf
@@ -86,8 +88,9 @@ def trained_tiny(tiny_cfg_factory, tmp_path_factory):
     llm = save_tiny_llama(tmp_path_factory.mktemp("llm"))
     cfg = tiny_cfg_factory("cf.epochs=2", "stage1.epochs=2", "stage1.sbert_trainable_layers=0",
                            "stage1.batch_size=16", f"stage2.llm={llm}", "stage2.epochs=1", "stage2.num_workers=2",
-                           "stage2.max_users=24", "stage2.batch_size=4", "encode.max_seq_length=32", run="trained")
+                           "stage2.max_users=24", "stage2.batch_size=4", "encode.max_seq_length=32", "cf.max_failures=1",
+                           run="trained")
     train_cf(cfg)
-    stage1(cfg)
+    stage1(cfg, fail_at_epoch=2)
     s2 = stage2(cfg, ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     return cfg, s2

@@ -21,7 +21,8 @@ def test_stage1_outputs_joint_embeddings_and_losses(trained_tiny):
     assert np.isfinite(e).all() and np.isfinite(q).all()
     assert e[1:].std(0).mean() > 1e-3  # not collapsed to a constant
     hist = json.loads((run_dir(cfg, "stage1") / "metrics.json").read_text())["history"]
-    assert len(hist) == 2 and hist[-1]["total"] < hist[0]["total"]
+    # 2 epochs although rank 0 failed at epoch 2 (the fixture's injected failure): resumed, not restarted
+    assert [h["epoch"] for h in hist] == [1, 2] and hist[-1]["total"] < hist[0]["total"]
     assert (run_dir(cfg, "stage1") / "loss.png").stat().st_size > 0
 
 
@@ -39,26 +40,40 @@ def test_stage2_zero3_partitions_the_llm_over_two_workers(trained_tiny):
     assert not any("llm" in k for k in proj)  # only the projectors are exported
 
 
-def test_stage2_resumes_from_checkpoint_after_failure(trained_tiny):
+def test_stage2_continues_a_finished_run_and_resumes_after_a_failure(trained_tiny, tmp_path, capsys):
     from pipelines.stage2 import stage2
     from allmrec.config import config_from_dict
     cfg = config_from_dict(trained_tiny[0].to_dict())
-    cfg.stage2.epochs, cfg.stage2.num_workers, cfg.stage2.item_tokens = 2, 1, "mlp"  # MLP-LLM variant
+    lr = cfg.stage2.lr
+    cfg.stage2.epochs, cfg.stage2.num_workers, cfg.stage2.item_tokens = 1, 1, "mlp"  # MLP-LLM variant
     cfg.stage2.zero_stage, cfg.cf.max_failures = 3, 1
-    out = stage2(cfg, fail_at_epoch=2)
+    out = stage2(cfg)
     hist = json.loads((out / "metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in hist] == [1, 2]
-    assert out.name == "mlp-u1"
+    assert [h["epoch"] for h in hist] == [1] and out.name == "mlp-u1"
 
+    # --continue to 3 epochs from the epoch-1 checkpoint (optimizer state included); rank 0 fails at
+    # epoch 3, after this run's own epoch-2 checkpoint, and the job resumes from that one
+    cfg.stage2.epochs = 3
+    again = stage2(cfg, extend=True, fail_at_epoch=3)
+    m = json.loads((again / "manifest.json").read_text())
+    hist3 = json.loads((again / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in hist3] == [1, 2, 3] and hist3[:1] == hist
+    assert m["continued_from"]["epochs"] == 1 and m["epochs_run"] == 3
+    with pytest.raises(ValueError, match="already has 3 epochs"):
+        cfg.stage2.epochs = 2
+        stage2(cfg, extend=True)
+    with pytest.raises(ValueError, match="other settings"):
+        cfg.stage2.epochs, cfg.stage2.lr = 4, 1e-3
+        stage2(cfg, extend=True)
 
-def test_stage1_resumes_from_checkpoint_after_failure(trained_tiny):
-    from allmrec.config import config_from_dict
-    from pipelines.stage1 import stage1
-    cfg = config_from_dict(trained_tiny[0].to_dict())
-    cfg.stage1.epochs, cfg.stage1.alpha, cfg.cf.max_failures = 2, 0.25, 1  # a new fingerprint: retrains
-    out = stage1(cfg, fail_at_epoch=2, force=True)
-    hist = json.loads((out / "metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in hist] == [1, 2]
+    # the command line: the continued run is up to date, and its summary says what was continued
+    from pipelines.cli import main
+    cfg.stage2.epochs, cfg.stage2.lr = 3, lr
+    cfg.dump(tmp_path / "c.yaml")
+    assert main(["stage2", "-c", str(tmp_path / "c.yaml"), "--continue"]) == 0
+    assert "3 epochs (2-3 here, on top of a 1-epoch run)" in capsys.readouterr().out
+    assert main(["stage2", "-c", str(tmp_path / "c.yaml"), "--continue", "stage2.epochs=2"]) == 1
+    assert "already has 3 epochs" in capsys.readouterr().err
 
 
 def test_evaluate_writes_a_parseable_report(trained_tiny):
