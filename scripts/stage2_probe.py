@@ -15,6 +15,8 @@ costs nothing when destroyed. Put config overrides before `--variants`.
 Which signal the choice follows: how often the variant's top candidate (length-normalized) is also the
 most popular candidate (training counts) or the CF model's top candidate, and the mean per-user
 Spearman correlation of its candidate scores with log popularity and with the CF scores.
+With `--split train`: the same on Stage-2's own training examples (seeded trained users, the prompt,
+candidates and order Stage-2 trained on): a Hit@1 far above the test users' is memorization.
 Prints a markdown table; no files written.
 """
 from __future__ import annotations
@@ -82,7 +84,8 @@ def probe(cfg, variant: str, rows, batch: int = 4, how: str = "none") -> dict:
         reps = all_reps[s:s + batch]
         exs, cands = [], []
         for j, (u, t, negs) in enumerate(zip(part["user"], part["target"], part["negatives"])):
-            c = candidate_order([int(t), *map(int, negs)], cfg.seed, user=u)
+            c = (list(map(int, part["cands"].iloc[j])) if "cands" in part  # as Stage-2 trained on it
+                 else candidate_order([int(t), *map(int, negs)], cfg.seed, user=u))
             cands.append(c)
             exs.append(Example(reps[j], hists[j], c, int(t)))
         b = rec.batch(exs, with_target=False)
@@ -118,6 +121,24 @@ def probe(cfg, variant: str, rows, batch: int = 4, how: str = "none") -> dict:
             "nll_rest": float(np.mean(out["nll_rest"]))}
 
 
+def train_rows(cfg, prep: Prepared, n: int):
+    """`n` seeded users of Stage-2's training set, each as Stage-2 saw it (history, target, candidates)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+    from pipelines.common import training_users
+    from pipelines.stage2 import _train_examples
+    from allmrec.data import schema
+    seqs = pq.read_table(Path(cfg.run_dir) / "data" / schema.SEQUENCES)
+    keep = training_users(cfg, prep, cfg.stage2.max_users)
+    if keep is not None:
+        seqs = seqs.filter(np.isin(seqs["user"].to_numpy(), sorted(keep)))
+    ex = _train_examples(seqs, prep.n_items, cfg.data.n_negatives, cfg.seed)
+    pick = np.sort(np.random.default_rng(cfg.seed).choice(len(ex["user"]), min(n, len(ex["user"])), replace=False))
+    return pd.DataFrame({"user": ex["user"][pick], "history": list(ex["hist"][pick]), "target": ex["target"][pick],
+                         "negatives": [c[c != t] for c, t in zip(ex["cands"][pick], ex["target"][pick])],
+                         "cands": list(ex["cands"][pick])})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/ml100k.yaml")
@@ -125,14 +146,20 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["llm_only", "allmrec"])
     ap.add_argument("--ablate", choices=["none", "user", "items"], default="none",
                     help="user: another user's representation; items: candidates' soft tokens permuted")
+    ap.add_argument("--split", choices=["test", "train"], default="test",
+                    help="train: Stage-2's own training examples (memorization check)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     torch.manual_seed(0)
     cfg = load_config(a.config, [*a.overrides, f"eval.max_users={a.users}"])
     from pipelines.evaluate import eval_rows  # the same seeded users and candidates as `allmrec evaluate`
-    rows = eval_rows(cfg, Prepared(Path(cfg.run_dir) / "data"))
-    rows = rows[rows.scenario == "overall"].reset_index(drop=True)
-    print(f"run {cfg.run_dir}, {len(rows)} seeded test users, ablation {a.ablate}, chance hit@1 = 0.05\n")
+    prep = Prepared(Path(cfg.run_dir) / "data")
+    if a.split == "train":
+        rows = train_rows(cfg, prep, a.users)
+    else:
+        rows = eval_rows(cfg, prep)
+        rows = rows[rows.scenario == "overall"].reset_index(drop=True)
+    print(f"run {cfg.run_dir}, {len(rows)} seeded {a.split} users, ablation {a.ablate}, chance hit@1 = 0.05\n")
     print("| variant | hit@1 norm | hit@1 sum | hit@1 first token | NLL first token | log(#distinct first tokens) "
           "| NLL per later token | n |\n|---|---|---|---|---|---|---|---|")
     results = []
