@@ -291,7 +291,8 @@ def summary(out_dir: Path) -> str:
     f = m.get("final") or {}
     done = m.get("continued_from", {}).get("epochs")
     n = m.get("epochs_run")
-    epochs = f"{n} epochs" + (f" ({done + 1}-{n} here, on top of a {done}-epoch run)" if done else "")
+    here = f"epoch {n}" if done and done + 1 == n else f"epochs {(done or 0) + 1}-{n}"
+    epochs = f"{n} epochs" + (f" ({here} here, on top of a {done}-epoch run)" if done else "")
     return (f"stage2 -> {out_dir}: {epochs} in {m.get('train_seconds')} s, final loss "
             f"{f.get('loss', float('nan')):.4f}, {f.get('users_per_s')} users/s; ZeRO-{m.get('zero_stage')} "
             f"LLM parameters per rank {f.get('llm_params_local_per_rank')} of {f.get('llm_params_full')}")

@@ -71,7 +71,7 @@ def test_stage2_continues_a_finished_run_and_resumes_after_a_failure(trained_tin
     cfg.stage2.epochs, cfg.stage2.lr = 3, lr
     cfg.dump(tmp_path / "c.yaml")
     assert main(["stage2", "-c", str(tmp_path / "c.yaml"), "--continue"]) == 0
-    assert "3 epochs (2-3 here, on top of a 1-epoch run)" in capsys.readouterr().out
+    assert "3 epochs (epochs 2-3 here, on top of a 1-epoch run)" in capsys.readouterr().out
     assert main(["stage2", "-c", str(tmp_path / "c.yaml"), "--continue", "stage2.epochs=2"]) == 1
     assert "already has 3 epochs" in capsys.readouterr().err
 
