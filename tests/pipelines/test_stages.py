@@ -45,20 +45,19 @@ def test_stage2_continues_a_finished_run_and_resumes_after_a_failure(trained_tin
     from allmrec.config import config_from_dict
     cfg = config_from_dict(trained_tiny[0].to_dict())
     lr = cfg.stage2.lr
-    cfg.stage2.epochs, cfg.stage2.num_workers, cfg.stage2.item_tokens = 1, 1, "mlp"  # MLP-LLM variant
+    cfg.stage2.epochs, cfg.stage2.num_workers, cfg.stage2.item_tokens = 2, 1, "mlp"  # MLP-LLM variant
     cfg.stage2.zero_stage, cfg.cf.max_failures = 3, 1
-    out = stage2(cfg)
+    out = stage2(cfg, fail_at_epoch=2)  # rank 0 fails at epoch 2; the job resumes from epoch 1's checkpoint
     hist = json.loads((out / "metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in hist] == [1] and out.name == "mlp-u1"
+    assert [h["epoch"] for h in hist] == [1, 2] and out.name == "mlp-u1"
 
-    # --continue to 3 epochs from the epoch-1 checkpoint (optimizer state included); rank 0 fails at
-    # epoch 3, after this run's own epoch-2 checkpoint, and the job resumes from that one
+    # --continue: a third epoch on top of the two, from their checkpoint (optimizer state included)
     cfg.stage2.epochs = 3
-    again = stage2(cfg, extend=True, fail_at_epoch=3)
+    again = stage2(cfg, extend=True)
     m = json.loads((again / "manifest.json").read_text())
     hist3 = json.loads((again / "metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in hist3] == [1, 2, 3] and hist3[:1] == hist
-    assert m["continued_from"]["epochs"] == 1 and m["epochs_run"] == 3
+    assert [h["epoch"] for h in hist3] == [1, 2, 3] and hist3[:2] == hist
+    assert m["continued_from"]["epochs"] == 2 and m["epochs_run"] == 3
     with pytest.raises(ValueError, match="already has 3 epochs"):
         cfg.stage2.epochs = 2
         stage2(cfg, extend=True)
@@ -71,7 +70,7 @@ def test_stage2_continues_a_finished_run_and_resumes_after_a_failure(trained_tin
     cfg.stage2.epochs, cfg.stage2.lr = 3, lr
     cfg.dump(tmp_path / "c.yaml")
     assert main(["stage2", "-c", str(tmp_path / "c.yaml"), "--continue"]) == 0
-    assert "3 epochs (epochs 2-3 here, on top of a 1-epoch run)" in capsys.readouterr().out
+    assert "3 epochs (epoch 3 here, on top of a 2-epoch run)" in capsys.readouterr().out
     assert main(["stage2", "-c", str(tmp_path / "c.yaml"), "--continue", "stage2.epochs=2"]) == 1
     assert "already has 3 epochs" in capsys.readouterr().err
 
