@@ -289,10 +289,11 @@ def item_titles_from(items: dict[str, np.ndarray]) -> list[str]:
 def summary(out_dir: Path) -> str:
     m = read_manifest(out_dir) or {}
     f = m.get("final") or {}
-    done = m.get("continued_from", {}).get("epochs")
-    n = m.get("epochs_run")
-    here = f"epoch {n}" if done and done + 1 == n else f"epochs {(done or 0) + 1}-{n}"
-    epochs = f"{n} epochs" + (f" ({here} here, on top of a {done}-epoch run)" if done else "")
+    n, done = m.get("epochs_run"), m.get("continued_from", {}).get("epochs")
+    epochs = f"{n} epochs"
+    if done:
+        here = f"epoch {n}" if done + 1 == n else f"epochs {done + 1}-{n}"
+        epochs += f" ({here} here, on top of a {done}-epoch run)"
     return (f"stage2 -> {out_dir}: {epochs} in {m.get('train_seconds')} s, final loss "
             f"{f.get('loss', float('nan')):.4f}, {f.get('users_per_s')} users/s; ZeRO-{m.get('zero_stage')} "
             f"LLM parameters per rank {f.get('llm_params_local_per_rank')} of {f.get('llm_params_full')}")
