@@ -48,6 +48,7 @@ def init_ray(cfg: Config):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(cfg.ray.progress) and sys.stderr.isatty()
     ctx.print_on_execution_start = False
+    ctx.use_datasource_v2 = bool(cfg.ray.datasource_v2)  # see RayConfig.datasource_v2
     return ray
 
 

@@ -291,7 +291,6 @@ def _filter_users(block: pa.Table, users: pa.Array, keep: bool) -> pa.Table:
 
 
 def _candidates(block: pa.Table, which: str) -> pa.Table:
-    import pyarrow.compute as pc
     seqs = block["seq"].to_pylist()
     cut = 2 if which == "valid" else 1
     hist = [s[:-cut] for s in seqs]

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -27,6 +26,7 @@ from allmrec.data import schema
 from allmrec.data.load import Prepared
 from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
 from pipelines.common import init_ray, make_trainer, run_path, training_users
+from pipelines.rows import stage1_examples
 
 log = logging.getLogger("allmrec.stage1")
 EXPORT = "export.safetensors"
@@ -47,24 +47,6 @@ def load_cf_bundle(files: dict[str, bytes]):
     model.eval()  # frozen: no dropout (the reference code forgets this)
     model.requires_grad_(False)
     return model
-
-
-def _examples(block: pa.Table, all_items: bool, max_len: int) -> dict:
-    """Training examples from sequences: history -> positive (last training item, or every position)."""
-    from allmrec.cf.data import pad_left
-    hist, pos, full, users = [], [], [], []
-    for u, s in zip(block["user"].to_pylist(), block["seq"].to_pylist()):
-        train = s[:-2]
-        targets = range(1, len(train)) if all_items else [len(train) - 1]
-        for t in targets:
-            if t < 1:
-                continue
-            hist.append(train[:t])
-            pos.append(train[t])
-            full.append(np.asarray(s, dtype=np.int64))
-            users.append(u)
-    return {"user": np.asarray(users, dtype=np.int64), "seq": pad_left(hist, max_len),
-            "pos": np.asarray(pos, dtype=np.int64), "hist": np.array(full + [None], dtype=object)[:-1]}
 
 
 def _collect(shard) -> dict[str, np.ndarray]:
@@ -223,7 +205,7 @@ def stage1(cfg: Config, force: bool = False, fail_at_epoch: int | None = None) -
     keep = training_users(cfg, prep, s1.max_users)
     if keep is not None:
         seq_ds = seq_ds.filter(lambda r: r["user"] in keep)
-    train_ds = seq_ds.map_batches(_examples, fn_kwargs={"all_items": s1.all_items, "max_len": cfg.cf.max_len},
+    train_ds = seq_ds.map_batches(stage1_examples, fn_kwargs={"all_items": s1.all_items, "max_len": cfg.cf.max_len},
                                   batch_format="pyarrow")
     items_ds = ray.data.read_parquet(str(data_dir / schema.ITEMS), columns=["item", "text"])
     cf_files = _bundle(cf_dir)

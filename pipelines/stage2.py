@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 from safetensors.torch import save as st_save
 
@@ -26,31 +25,10 @@ from allmrec.data.load import Prepared
 from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
 from pipelines.common import init_ray, make_trainer, run_path, training_users
 from allmrec.artifacts import PROJECTOR, stage2_dir, user_reps, variant_vectors
+from pipelines.rows import next_title_examples
 from pipelines.stage1 import _bundle, _by_user, _collect, _plot_losses, load_cf_bundle
 
 log = logging.getLogger("allmrec.stage2")
-STREAM_STAGE2 = 8
-
-
-def _train_examples(block: pa.Table, n_items: int, n_negatives: int, seed: int) -> dict:
-    """One example per user from the training part: history -> last training item, 19 seeded negatives."""
-    from allmrec.data.sampling import sample_negatives
-    users, hists, cands, targets = [], [], [], []
-    for u, s in zip(block["user"].to_pylist(), block["seq"].to_pylist()):
-        train = s[:-2]
-        if len(train) < 2:
-            continue
-        rng = np.random.default_rng([seed, int(u), STREAM_STAGE2])
-        neg = sample_negatives(rng, n_items, np.asarray(s), n_negatives)
-        c = [train[-1], *neg.tolist()]
-        rng.shuffle(c)
-        users.append(u)
-        hists.append(np.asarray(train[:-1], dtype=np.int64))
-        cands.append(c)
-        targets.append(train[-1])
-    return {"user": np.asarray(users, dtype=np.int64), "hist": np.array(hists + [None], dtype=object)[:-1],
-            "cands": np.asarray(cands, dtype=np.int64).reshape(len(users), n_negatives + 1),
-            "target": np.asarray(targets, dtype=np.int64)}
 
 
 def load_frozen_llm(cfg: Config, device: str, ds_conf: dict | None = None):
@@ -253,7 +231,7 @@ def next_title_datasets(ray, cfg: Config, prep: Prepared, data_dir: Path, max_us
     keep = training_users(cfg, prep, max_users)
     if keep is not None:
         seq_ds = seq_ds.filter(lambda r: r["user"] in keep)
-    train_ds = seq_ds.map_batches(_train_examples, batch_format="pyarrow", fn_kwargs={
+    train_ds = seq_ds.map_batches(next_title_examples, batch_format="pyarrow", fn_kwargs={
         "n_items": prep.n_items, "n_negatives": cfg.data.n_negatives, "seed": cfg.seed})
     return train_ds, ray.data.read_parquet(str(data_dir / schema.ITEMS), columns=["item", "title"])
 

@@ -1,7 +1,7 @@
 """`allmrec tallrec`: the TALLRec baseline (Bao et al. 2023) on Ray Train + DeepSpeed, in A-LLMRec's harness.
 
 TALLRec = the LLM-Only prompt (no soft tokens, no CF model) with the LLM itself fine-tuned by LoRA on
-Stage-2's next-title loss and Stage-2's training examples (`pipelines.stage2._train_examples`, the same
+Stage-2's next-title loss and Stage-2's training examples (`pipelines.rows.next_title_examples`, the same
 seeded users, negatives and candidate shuffles). Everything else is Stage-2's machinery: the LLM loaded
 into ZeRO-3 partitions, the shared DeepSpeed engine (`Stage2Module` with no projector: `stage2_loss` on
 the LLM-Only prompt), checkpoints of the trainable state only, resume after a worker failure.

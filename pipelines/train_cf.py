@@ -29,6 +29,7 @@ from allmrec.data.sampling import user_rng
 from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
 from allmrec.metrics import ranks_from_scores, summarize
 from pipelines.common import init_ray, make_trainer, run_path, training_users
+from pipelines.rows import cf_train_rows, cf_valid_rows
 
 log = logging.getLogger("allmrec.train_cf")
 STREAM_NEG100 = 6
@@ -43,27 +44,6 @@ class _Loss(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.training_loss(batch)
-
-
-def _train_rows(block: pa.Table, max_len: int) -> dict:
-    """sequences rows -> SASRec-style (input, target) arrays of the training part seq[:-2]."""
-    seqs = block["seq"].to_pylist()
-    train = [s[:-2] for s in seqs]
-    keep = [i for i, t in enumerate(train) if len(t) >= 2]
-    users = block["user"].to_numpy()[keep].astype(np.int64)
-    return {"users": users,
-            "seq": pad_left([train[i][:-1] for i in keep], max_len),
-            "pos": pad_left([train[i][1:] for i in keep], max_len),
-            # negatives avoid the whole sequence (valid/test items included)
-            "hist": np.array([np.asarray(seqs[i], dtype=np.int64) for i in keep] + [None], dtype=object)[:-1]}
-
-
-def _valid_rows(block: pa.Table) -> dict:
-    return {"user": block["user"].to_numpy().astype(np.int64),
-            "history": np.array([np.asarray(h, dtype=np.int64) for h in block["history"].to_pylist()] + [None],
-                                dtype=object)[:-1],
-            "cands": np.array([[t, *n] for t, n in zip(block["target"].to_pylist(),
-                                                        block["negatives"].to_pylist())], dtype=np.int64)}
 
 
 def _collect(shard, key: str) -> dict[str, np.ndarray]:
@@ -191,9 +171,9 @@ def train_cf(cfg: Config, force: bool = False, fail_at_epoch: int | None = None)
     keep = training_users(cfg, prep, None)  # few-shot: learn from the K users only
     if keep is not None:
         seq_ds = seq_ds.filter(lambda r: r["user"] in keep)
-    train_ds = seq_ds.map_batches(_train_rows, fn_kwargs={"max_len": c.max_len}, batch_format="pyarrow")
+    train_ds = seq_ds.map_batches(cf_train_rows, fn_kwargs={"max_len": c.max_len}, batch_format="pyarrow")
     valid_ds = ray.data.read_parquet(str(data_dir / schema.CAND_VALID)).map_batches(
-        _valid_rows, batch_format="pyarrow")
+        cf_valid_rows, batch_format="pyarrow")
     trainer = make_trainer(
         cfg, f"train_cf-{c.model}-{fp}", train_func,
         {"cfg": cfg.to_dict(), "n_items": prep.n_items, "n_users": prep.n_train_users, "fail_at_epoch": fail_at_epoch,

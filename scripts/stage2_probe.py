@@ -126,13 +126,13 @@ def train_rows(cfg, prep: Prepared, n: int):
     import pandas as pd
     import pyarrow.parquet as pq
     from pipelines.common import training_users
-    from pipelines.stage2 import _train_examples
+    from pipelines.rows import next_title_examples
     from allmrec.data import schema
     seqs = pq.read_table(Path(cfg.run_dir) / "data" / schema.SEQUENCES)
     keep = training_users(cfg, prep, cfg.stage2.max_users)
     if keep is not None:
         seqs = seqs.filter(np.isin(seqs["user"].to_numpy(), sorted(keep)))
-    ex = _train_examples(seqs, prep.n_items, cfg.data.n_negatives, cfg.seed)
+    ex = next_title_examples(seqs, prep.n_items, cfg.data.n_negatives, cfg.seed)
     pick = np.sort(np.random.default_rng(cfg.seed).choice(len(ex["user"]), min(n, len(ex["user"])), replace=False))
     return pd.DataFrame({"user": ex["user"][pick], "history": list(ex["hist"][pick]), "target": ex["target"][pick],
                          "negatives": [c[c != t] for c, t in zip(ex["cands"][pick], ex["target"][pick])],
