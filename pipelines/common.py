@@ -24,7 +24,7 @@ def init_ray(cfg: Config):
 
     Locally the logical CPU count is oversubscribed (2x the cores) on purpose: an actor-pool stage holds
     its CPUs for its whole life, and with exactly as many logical CPUs as cores a second stage or a read
-    task can wait forever for one (see docs/architecture.md).
+    task can wait forever for one (docs/guide.md, `ray.num_cpus`).
     """
     import ray
 
