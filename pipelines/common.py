@@ -33,11 +33,14 @@ def init_ray(cfg: Config):
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # DeepSpeed JIT-compiles a CPU comm op once: keep it in a persistent cache, not /tmp
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
-    kwargs: dict = {"ignore_reinit_error": True, "include_dashboard": False, "log_to_driver": True}
+    kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": True}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")  # set under `ray job submit`
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner polls: without it
+        # the cleaner cannot work and logs a warning every few seconds (half the main job's log lines).
+        kwargs["include_dashboard"] = True
         num_cpus = cfg.ray.num_cpus or 2 * (os.cpu_count() or 1)
         if cfg.ray.object_store_memory_gb:
             kwargs["object_store_memory"] = int(cfg.ray.object_store_memory_gb * (1 << 30))
@@ -56,6 +59,11 @@ def quiet_worker_logs() -> None:
     """Inside Ray Train workers: keep our progress lines, drop Ray's per-report INFO chatter."""
     for noisy in ("ray.train", "ray.data", "ray.tune", "deepspeed", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:  # Ray Train v2 logs "Reporting training result N: ..." per report on a logger named by file path
+        from ray.train.v2._internal.execution import context as train_context
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray version: only the noise differs
+        pass
 
 
 def cache_dir() -> Path:

@@ -268,7 +268,7 @@ def summary(out_dir: Path) -> str:
     m = read_manifest(out_dir) or {}
     f = m.get("final") or {}
     n, done = m.get("epochs_run"), m.get("continued_from", {}).get("epochs")
-    epochs = f"{n} epochs"
+    epochs = f"{n} epoch{'' if n == 1 else 's'}"
     if done:
         here = f"epoch {n}" if done + 1 == n else f"epochs {done + 1}-{n}"
         epochs += f" ({here} here, on top of a {done}-epoch run)"
