@@ -28,8 +28,20 @@ def init_ray(cfg: Config):
     """
     import ray
 
-    if ray.is_initialized():
-        return ray
+    if not ray.is_initialized():
+        _start_or_attach(ray, cfg)
+    import ray.data  # noqa: F401  (configures Ray Data's loggers; quiet them afterwards)
+    for noisy in ("ray.data", "ray.train", "ray.serve", "ray.tune"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # per process, so applied on every call (also when the caller started Ray itself)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = bool(cfg.ray.progress) and sys.stderr.isatty()
+    ctx.print_on_execution_start = False
+    ctx.use_datasource_v2 = bool(cfg.ray.datasource_v2)  # see RayConfig.datasource_v2
+    return ray
+
+
+def _start_or_attach(ray, cfg: Config) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # DeepSpeed JIT-compiles a CPU comm op once: keep it in a persistent cache, not /tmp
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
@@ -45,14 +57,6 @@ def init_ray(cfg: Config):
         if cfg.ray.object_store_memory_gb:
             kwargs["object_store_memory"] = int(cfg.ray.object_store_memory_gb * (1 << 30))
         ray.init(num_cpus=num_cpus, **kwargs)
-    import ray.data  # noqa: F401  (configures Ray Data's loggers; quiet them afterwards)
-    for noisy in ("ray.data", "ray.train", "ray.serve", "ray.tune"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(cfg.ray.progress) and sys.stderr.isatty()
-    ctx.print_on_execution_start = False
-    ctx.use_datasource_v2 = bool(cfg.ray.datasource_v2)  # see RayConfig.datasource_v2
-    return ray
 
 
 def quiet_worker_logs() -> None:

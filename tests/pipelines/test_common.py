@@ -1,6 +1,7 @@
-"""pipelines.common helpers that need no Ray cluster."""
+"""pipelines.common helpers and the torch-free row builders (one test uses the session's Ray cluster)."""
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -43,3 +44,31 @@ def test_worker_threads():
     assert worker_threads(cfg, 2, use_gpu=False) >= 1
     cfg.torch_threads = 3
     assert worker_threads(cfg, 2, use_gpu=False) == 3
+
+
+def test_row_builders_import_without_torch():
+    """Ray Data task workers unpickle the row builders by importing pipelines.rows: torch must stay out
+    of it (each fresh worker would pay its imports, ~5 s on 2 cores)."""
+    import subprocess
+    import sys
+    code = "import sys, pipelines.rows; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[2]))
+    assert out.stdout.strip() == "False"
+
+
+def test_init_ray_picks_the_parquet_reader_from_the_config(ray_session):
+    import ray.data
+
+    from allmrec.config import Config
+    from pipelines.common import init_ray
+    ctx = ray.data.DataContext.get_current()
+    assert ctx.use_datasource_v2 is False  # the session's cluster was started with the default config
+    cfg = Config()
+    cfg.ray.datasource_v2 = True
+    try:
+        init_ray(cfg)  # attached already: the reader choice is still applied
+        assert ctx.use_datasource_v2 is True
+    finally:
+        init_ray(Config())
+    assert ctx.use_datasource_v2 is False
