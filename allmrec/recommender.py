@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from allmrec.data.sampling import STREAM_CANDIDATE_ORDER
 from allmrec.llm.prompt import PromptBuilder
 from allmrec.llm.ranking import generate_titles, match_candidate, rank_candidates
 from allmrec.llm.stage2 import Stage2Projector, soft_prompt_embeds, stage2_loss
@@ -34,11 +35,6 @@ class Example:
     history: Sequence[int]               # item ids, oldest first (the prompt shows the last history_len)
     candidates: Sequence[int]            # item ids in prompt order
     target: int | None = None            # item id (training / evaluation)
-
-
-# The random stream of the candidate order. Evaluation has always used [seed, user, 9]: changing it
-# changes every reported result and every served ranking.
-STREAM_CANDIDATE_ORDER = 9
 
 
 def candidate_order(candidates: Sequence[int | str], seed: int, user: int | None = None,

@@ -1,8 +1,8 @@
 """The Ray Data row builders of the training jobs (numpy and pyarrow only).
 
-They run in Ray Data task workers, which import this module to unpickle them: keeping torch out of it
-saves each fresh worker process ~5 s of imports on a 2-core machine (train-cf, Stage-1, Stage-2 and
-TALLRec each start several such workers).
+They run in Ray Data task workers, which import this module to unpickle them. Keeping torch out of it
+saves each fresh worker its imports: a first read + map_batches took 8.5 s with a builder from
+pipelines.stage1, against 2.2 s with one that imports nothing (2-core machine).
 """
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from allmrec.data.padding import pad_left
-from allmrec.data.sampling import sample_negatives
-
-STREAM_STAGE2 = 8
+from allmrec.data.sampling import STREAM_STAGE2, sample_negatives
 
 
 def cf_train_rows(block: pa.Table, max_len: int) -> dict:

@@ -25,14 +25,14 @@ from allmrec.cf.trainer import evaluate_candidates, popularity_scores
 from allmrec.config import Config, config_from_dict
 from allmrec.data import schema
 from allmrec.data.load import Prepared
-from allmrec.data.sampling import user_rng
+from allmrec.data.sampling import STREAM_NEG100, user_rng
+from allmrec.data.sampling import sample_negatives as seeded_negs  # per user; cf.data's is per batch
 from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
 from allmrec.metrics import ranks_from_scores, summarize
 from pipelines.common import init_ray, make_trainer, run_path, training_users
 from pipelines.rows import cf_train_rows, cf_valid_rows
 
 log = logging.getLogger("allmrec.train_cf")
-STREAM_NEG100 = 6
 
 
 class _Loss(nn.Module):
@@ -220,7 +220,6 @@ def evaluate_test(cfg: Config, prep: Prepared, model) -> dict:
     # the common 1 + 100 negatives protocol (for comparison with published SASRec numbers)
     raw = dict(zip(prep.users["user"], prep.users["raw_id"]))
     seqs = dict(zip(prep.sequences["user"], prep.sequences["seq"]))
-    from allmrec.data.sampling import sample_negatives as seeded_negs
     c100 = np.array([[t, *seeded_negs(user_rng(cfg.seed, raw[u], STREAM_NEG100), prep.n_items, seqs[u], 100)]
                      for u, t in zip(test["user"], test["target"])], dtype=np.int64) \
         if prep.n_items > 150 else None

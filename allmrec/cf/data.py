@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from allmrec.data.padding import pad_left  # noqa: F401  (re-exported: CF code imports it from here)
+from allmrec.data.padding import pad_left  # numpy only; CF code also imports it from here
 
 
 def make_train_arrays(train_seqs: Sequence[Sequence[int]], users: Sequence[int] | np.ndarray,

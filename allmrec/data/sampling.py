@@ -16,6 +16,11 @@ STREAM_TEST = 2
 STREAM_HOLDOUT = 3
 STREAM_FEWSHOT = 4
 STREAM_COLD_TEST = 5
+STREAM_NEG100 = 6             # train-cf's 1 + 100 test candidates
+STREAM_STAGE2 = 8             # Stage-2 / TALLRec training negatives and order, keyed by the integer user id
+# the candidate order in prompts, keyed by the integer user id (or the history). Evaluation has always used
+# [seed, user, 9]: changing it changes every reported result and every served ranking.
+STREAM_CANDIDATE_ORDER = 9
 
 
 def stable_hash(raw_id: str) -> int:

@@ -48,7 +48,7 @@ def test_worker_threads():
 
 def test_row_builders_import_without_torch():
     """Ray Data task workers unpickle the row builders by importing pipelines.rows: torch must stay out
-    of it (each fresh worker would pay its imports, ~5 s on 2 cores)."""
+    of it (each fresh worker would pay its imports: see pipelines/rows.py)."""
     import subprocess
     import sys
     code = "import sys, pipelines.rows; print('torch' in sys.modules)"
