@@ -3,6 +3,11 @@
 Layering (RecBole-style): dataclass defaults < YAML file(s) (a file may name a `base:` file it
 extends) < command-line overrides `section.key=value`. Unknown keys and badly typed values are
 errors that name the key, never silently ignored.
+
+Value rules are declared next to each field (`F(default, ge=..., choices=..., registry=..., file=...)`):
+ranges, allowed words, names that must be in a registry (CF models, evaluation variants, readers) and
+files that must exist. `load_config` checks all of them, plus the rules that tie fields together
+(`Config.validate`), and reports every error at once in one `ConfigError`.
 """
 from __future__ import annotations
 
@@ -14,38 +19,100 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_MISSING = dataclasses.MISSING
+
+
+def F(default: Any = _MISSING, *, factory: Callable[[], Any] | None = None, ge: float | None = None,
+      gt: float | None = None, le: float | None = None, lt: float | None = None,
+      choices: typing.Iterable[str] | None = None, registry: str | None = None, file: bool = False,
+      nonempty: bool = False) -> Any:
+    """A dataclass field with its value rules. Numbers: ge/gt/le/lt bounds (every float must also be
+    finite); strings: `choices`, `registry` (a name in REGISTRIES, looked up at check time, so plug-ins
+    count) or `file` (must exist, relative to the working directory or the project). On a list field the
+    rules apply to every element. None passes when the type allows None (it means "unset")."""
+    rules = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, registry=registry).items() if v is not None}
+    if choices is not None:
+        rules["choices"] = tuple(choices)
+    if file:
+        rules["file"] = True
+    if nonempty:
+        rules["nonempty"] = True
+    meta = {"rules": rules}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _cf_models() -> list[str]:
+    from allmrec.cf import CF_MODELS
+    return sorted(CF_MODELS)
+
+
+def _llm_variants() -> list[str]:
+    from allmrec.artifacts import LLM_VARIANTS
+    return sorted(LLM_VARIANTS)
+
+
+def _eval_variants() -> list[str]:
+    # CF models by name, "cf" (= cf.model), most-popular, and every LLM variant of allmrec.artifacts
+    return sorted({*_cf_models(), "cf", "most_popular", *_llm_variants()})
+
+
+def _formats() -> list[str]:
+    from allmrec.data.readers import FORMATS
+    return list(FORMATS)
+
+
+# registry name -> the names it holds now (imported lazily: allmrec.cf imports this module)
+REGISTRIES: dict[str, Callable[[], list[str]]] = {
+    "cf_model": _cf_models,
+    "eval_variant": _eval_variants,
+    "llm_variant": _llm_variants,
+    "data_format": _formats,
+}
+
+
+def resolve_project_file(path: str) -> Path:
+    """A config's file path as the jobs resolve it: as given (absolute or from the working directory),
+    else relative to the project (configs/ shipped with it)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / path
 
 
 @dataclass
 class DomainConfig:
     """Words of the paper's prompt for this dataset ('watched'/'movie', 'bought'/'item')."""
-    verb: str = "bought"
-    noun: str = "item"
-    plural: str = "items"
+    verb: str = F("bought", nonempty=True)
+    noun: str = F("item", nonempty=True)
+    plural: str = F("items", nonempty=True)
 
 
 @dataclass
 class DataConfig:
     # reader: amazon2018 | amazon2023 | seq_json (amazon-scientific) | seq_txt (amazon-sports) | recbole
-    format: str = "recbole"
+    format: str = F("recbole", registry="data_format")
     # file or folder (reader-specific); "packaged:ml-100k" = the ML-100K files shipped in the recbole wheel
-    path: str = "packaged:ml-100k"
+    path: str = F("packaged:ml-100k", nonempty=True)
     category: str = ""  # Amazon category name for raw dumps, e.g. "Video_Games"
     rating_threshold: float | None = None  # keep ratings > threshold (paper: > 3) when set
-    k_core: int = 5
-    n_negatives: int = 19
-    max_text_chars: int = 512
-    max_title_chars: int = 120
-    warm_fraction: float = 0.35
-    cold_fraction: float = 0.35
+    k_core: int = F(5, ge=1)
+    n_negatives: int = F(19, ge=1)
+    max_text_chars: int = F(512, ge=1)
+    max_title_chars: int = F(120, ge=1)
+    warm_fraction: float = F(0.35, gt=0, lt=1)
+    cold_fraction: float = F(0.35, gt=0, lt=1)
     # cold users: "auto" (exactly-3-interaction users if any exist, else a seeded holdout),
     # "exact3", "holdout", or "none"
-    cold_users: str = "auto"
-    cold_user_fraction: float = 0.10
-    fewshot_k: list[int] = field(default_factory=lambda: [128, 256])
+    cold_users: str = F("auto", choices=("auto", "exact3", "holdout", "none"))
+    cold_user_fraction: float = F(0.10, ge=0, lt=1)
+    fewshot_k: list[int] = F(factory=lambda: [128, 256], ge=1)
     domain: DomainConfig = field(default_factory=DomainConfig)
 
 
@@ -53,8 +120,8 @@ class DataConfig:
 class RayConfig:
     address: str | None = None  # None: start a local cluster
     # logical CPUs for a local cluster; oversubscribed on purpose (see docs: actor pools + read tasks)
-    num_cpus: int | None = None
-    object_store_memory_gb: float | None = None
+    num_cpus: int | None = F(None, ge=1)
+    object_store_memory_gb: float | None = F(None, gt=0)
     progress: bool = True
     # Ray Data's V2 parquet reader starts a pool of footer-reader actors (up to 32, a process each) for
     # every read_parquet: ~5 s per read of one small file here, against 0.6 s for V1. Our prepared
@@ -64,52 +131,52 @@ class RayConfig:
 
 @dataclass
 class EncodeConfig:
-    model: str = "packaged:all-MiniLM-L6-v2"  # or any sentence-transformers name/path
-    batch_size: int = 64
-    num_actors: int = 2
+    model: str = F("packaged:all-MiniLM-L6-v2", nonempty=True)  # or any sentence-transformers name/path
+    batch_size: int = F(64, ge=1)
+    num_actors: int = F(2, ge=1)
     use_gpu: bool = False
-    max_seq_length: int = 128
+    max_seq_length: int = F(128, ge=1)
 
 
 @dataclass
 class CFConfig:
-    model: str = "sasrec"  # sasrec | gru4rec | nextitnet | ncf | morec
-    hidden: int = 50
-    max_len: int = 50
-    num_blocks: int = 2
-    num_heads: int = 1
-    dropout: float = 0.5  # as the reference A-LLMRec SASRec; beats 0.2 on Scientific (docs/results.md)
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    epochs: int = 200
-    patience: int = 10  # epochs without valid NDCG@10 improvement
-    eval_every: int = 1
-    num_workers: int = 1
+    model: str = F("sasrec", registry="cf_model")  # sasrec | gru4rec | nextitnet | ncf | morec (allmrec.cf)
+    hidden: int = F(50, ge=1)
+    max_len: int = F(50, ge=2)
+    num_blocks: int = F(2, ge=1)
+    num_heads: int = F(1, ge=1)
+    dropout: float = F(0.5, ge=0, lt=1)  # as the reference A-LLMRec SASRec; beats 0.2 on Scientific (docs/results.md)
+    lr: float = F(1e-3, gt=0)
+    weight_decay: float = F(0.0, ge=0)
+    batch_size: int = F(128, ge=1)
+    epochs: int = F(200, ge=1)
+    patience: int = F(10, ge=1)  # epochs without valid NDCG@10 improvement
+    eval_every: int = F(1, ge=1)
+    num_workers: int = F(1, ge=1)
     use_gpu: bool = False
-    max_failures: int = 2
+    max_failures: int = F(2, ge=-1)  # -1: retry forever (Ray Train's FailureConfig)
 
 
 @dataclass
 class Stage1Config:
     # L = matching + alpha * item_recon + beta * text_recon + rec. Ablations (paper Table 5): a weight of 0
     # or a use_* switch off leaves that term out of L (still logged); sbert_trainable_layers=0 = frozen SBERT
-    alpha: float = 0.5  # item reconstruction weight (0: w/o item reconstruction)
-    beta: float = 0.5  # text reconstruction weight (0: w/o text reconstruction)
-    latent: int = 128  # d'
-    lr: float = 1e-4
-    batch_size: int = 32
-    epochs: int = 10
+    alpha: float = F(0.5, ge=0)  # item reconstruction weight (0: w/o item reconstruction)
+    beta: float = F(0.5, ge=0)  # text reconstruction weight (0: w/o text reconstruction)
+    latent: int = F(128, ge=1)  # d'
+    lr: float = F(1e-4, gt=0)
+    batch_size: int = F(32, ge=1)
+    epochs: int = F(10, ge=1)
     all_items: bool = False  # "all items" variant: every position of the sequence
-    sbert_trainable_layers: int = -1  # -1: fine-tune all of SBERT; 0: frozen; N: top N layers
+    sbert_trainable_layers: int = F(-1, ge=-1)  # -1: fine-tune all of SBERT; 0: frozen; N: top N layers
     use_matching: bool = True  # False: w/o the matching loss
     use_recon: bool = True  # False: w/o both reconstructions
     use_rec: bool = True  # False: w/o the recommendation loss
-    max_users: int | None = None  # seeded subset of users (CPU runs)
-    num_workers: int = 1
+    max_users: int | None = F(None, ge=1)  # seeded subset of users (CPU runs)
+    num_workers: int = F(1, ge=1)
     use_gpu: bool = False
-    zero_stage: int = 0
-    deepspeed_config: str = "configs/deepspeed/zero0.json"
+    zero_stage: int = F(0, ge=0, le=3)
+    deepspeed_config: str = F("configs/deepspeed/zero0.json", file=True)
 
 
 ITEM_TOKEN_POSITIONS = ("after", "before")  # an item's soft token after its title (the paper) or before it
@@ -119,39 +186,40 @@ USER_TOKEN_POSITIONS = ("start", "after_history", "answer")
 
 @dataclass
 class Stage2Config:
-    llm: str = "packaged:SmolLM2-135M-Instruct"  # or any HF causal LM name/path
-    lr: float = 1e-4
-    batch_size: int = 4
-    epochs: int = 5
-    history_len: int = 10
-    max_title_tokens: int = 16
+    llm: str = F("packaged:SmolLM2-135M-Instruct", nonempty=True)  # or any HF causal LM name/path
+    lr: float = F(1e-4, gt=0)
+    batch_size: int = F(4, ge=1)
+    epochs: int = F(5, ge=1)
+    history_len: int = F(10, ge=0)
+    max_title_tokens: int = F(16, ge=1)
     use_user_token: bool = True
-    item_tokens: str = "joint"  # joint | sbert | random | none | mlp (MLP-LLM: raw CF embeddings)
+    # joint | sbert | random | none | mlp (MLP-LLM: raw CF embeddings)
+    item_tokens: str = F("joint", choices=("joint", "sbert", "random", "none", "mlp"))
     # weight of the first target token in the loss (where the candidates compete; later tokens mostly copy
     # the chosen title): 1.0 = the paper's plain mean over tokens (docs/results.md, "choice vs copy")
-    choice_weight: float = 1.0
+    choice_weight: float = F(1.0, gt=0)
     # wrap the prompt in the tokenizer's chat template (user turn = the question, the assistant turn starts
     # "The recommendation is"); false = the paper's plain prompt (docs/results.md, "chat prompt")
     chat_prompt: bool = False
     # where an item's soft token goes: after its title (the paper's "[title][emb]") or before it. Causal
     # attention lets a title's tokens read an embedding only when it comes first (docs/results.md)
-    item_token_position: str = "after"
+    item_token_position: str = F("after", choices=ITEM_TOKEN_POSITIONS)
     # where the user's soft token goes: at the very start (the paper's "[user] is a user representation.
     # This user has watched ...") or after the history sentence, just before the question (position 0 is
     # the attention sink of a model that gets no BOS token), or "answer": alone, as the last prompt token
     # ("... The recommendation is[user] <title>"). With "[emb]title" candidates the answer then continues
     # the way a candidate's title continues its [emb]: an induction head of the frozen LLM can copy the
     # title whose [emb] matches [user] (docs/results.md, "The user token at the answer")
-    user_token_position: str = "start"
-    max_users: int | None = None
-    num_workers: int = 1
+    user_token_position: str = F("start", choices=USER_TOKEN_POSITIONS)
+    max_users: int | None = F(None, ge=1)
+    num_workers: int = F(1, ge=1)
     use_gpu: bool = False
-    zero_stage: int = 3
-    deepspeed_config: str = "configs/deepspeed/zero3.json"
+    zero_stage: int = F(3, ge=0, le=3)
+    deepspeed_config: str = F("configs/deepspeed/zero3.json", file=True)
     bf16: bool = False  # DeepSpeed bf16 mixed precision of the trained parts (GPU only)
     # dtype of the frozen LLM's weights in Stage-2, evaluation, scoring and serving: auto = bf16 on GPU
     # and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32; or float32 | bfloat16 | float16
-    llm_dtype: str = "auto"
+    llm_dtype: str = F("auto", choices=("auto", "float32", "bfloat16", "float16"))
 
     # the settings that shape the prompt text: what a trained projector or adapter is tied to
     # the layout options added after the paper's prompt: checked when a projector is loaded
@@ -167,29 +235,30 @@ class Stage2Config:
 class TallrecConfig:
     """The TALLRec baseline: the LLM-Only prompt, the LLM fine-tuned by LoRA on Stage-2's loss and examples.
     The LLM, its dtype, the prompt (history_len, max_title_tokens) and DeepSpeed bf16 come from `stage2`."""
-    lr: float = 1e-4
-    batch_size: int = 4
-    epochs: int | None = None  # None: stage2.epochs (the same training budget as A-LLMRec)
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=list)  # empty: the architecture's default (q_proj, v_proj)
-    max_users: int | None = None  # None: stage2.max_users (the same seeded users as A-LLMRec's Stage-2)
-    num_workers: int = 1
+    lr: float = F(1e-4, gt=0)
+    batch_size: int = F(4, ge=1)
+    epochs: int | None = F(None, ge=1)  # None: stage2.epochs (the same training budget as A-LLMRec)
+    lora_r: int = F(8, ge=1)
+    lora_alpha: float = F(16.0, gt=0)
+    lora_dropout: float = F(0.05, ge=0, lt=1)
+    # empty: the architecture's default (q_proj, v_proj)
+    target_modules: list[str] = F(factory=list, nonempty=True)
+    max_users: int | None = F(None, ge=1)  # None: stage2.max_users (the same seeded users as A-LLMRec's Stage-2)
+    num_workers: int = F(1, ge=1)
     use_gpu: bool = False
-    zero_stage: int = 3
-    deepspeed_config: str = "configs/deepspeed/zero3.json"
+    zero_stage: int = F(3, ge=0, le=3)
+    deepspeed_config: str = F("configs/deepspeed/zero3.json", file=True)
 
 
 @dataclass
 class EvalConfig:
-    variants: list[str] = field(default_factory=lambda: ["sasrec", "llm_only", "allmrec"])
-    mode: str = "rank"  # rank | generate | both
+    variants: list[str] = F(factory=lambda: ["sasrec", "llm_only", "allmrec"], registry="eval_variant")
+    mode: str = F("rank", choices=("rank", "generate", "both"))
     length_norm: bool = True
-    max_users: int | None = None
-    max_new_tokens: int = 32
-    batch_size: int = 8
-    num_actors: int = 1
+    max_users: int | None = F(None, ge=1)
+    max_new_tokens: int = F(32, ge=1)
+    batch_size: int = F(8, ge=1)
+    num_actors: int = F(1, ge=1)
     use_gpu: bool = False
     # cross-domain scenario: a trained run folder (another dataset) whose models score this run's data.
     # This run needs only `prepare`; its items get q_i from the source's fine-tuned SBERT and f_T^enc.
@@ -198,33 +267,33 @@ class EvalConfig:
 
 @dataclass
 class ScoreConfig:
-    top_k: int = 10
-    pool: str = "cf_topn"  # all | cf_topn
-    pool_size: int = 20
-    max_users: int | None = None  # the first N users only (CPU demos); None: every user
-    batch_size: int = 8  # users per LLM re-ranking forward
-    num_actors: int = 1
+    top_k: int = F(10, ge=1)
+    pool: str = F("cf_topn", choices=("all", "cf_topn"))
+    pool_size: int = F(20, ge=1)
+    max_users: int | None = F(None, ge=1)  # the first N users only (CPU demos); None: every user
+    batch_size: int = F(8, ge=1)  # users per LLM re-ranking forward
+    num_actors: int = F(1, ge=1)
 
 
 @dataclass
 class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_history: int = 200
-    max_candidates: int = 100
-    min_replicas: int = 1
-    max_replicas: int = 2
+    host: str = F("127.0.0.1", nonempty=True)
+    port: int = F(8000, ge=1, le=65535)
+    max_history: int = F(200, ge=1)
+    max_candidates: int = F(100, ge=1)
+    min_replicas: int = F(1, ge=0)
+    max_replicas: int = F(2, ge=1)
 
 
 @dataclass
 class Config:
-    name: str = "ml100k"
-    run_dir: str = "runs/ml100k"
-    seed: int = 42
-    torch_threads: int | None = None
+    name: str = F("ml100k", nonempty=True)
+    run_dir: str = F("runs/ml100k", nonempty=True)
+    seed: int = F(42, ge=0)
+    torch_threads: int | None = F(None, ge=1)
     # few-shot scenario: train-cf, stage1 and stage2 learn only from the K seeded users prepare wrote to
     # data/fewshot.parquet (K one of data.fewshot_k); evaluation is unchanged. Use its own run_dir.
-    fewshot: int | None = None
+    fewshot: int | None = F(None, ge=1)
     data: DataConfig = field(default_factory=DataConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
@@ -236,66 +305,40 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
-    def validate(self) -> "Config":
+    def problems(self, check_files: bool = True) -> list[str]:
+        """Every rule this config breaks: the declared per-field rules, then the rules between fields."""
+        errors = _field_problems(self, "", check_files)
+        d, s1 = self.data, self.stage1
+
         def check(cond: bool, msg: str) -> None:
             if not cond:
-                raise ConfigError(msg)
+                errors.append(msg)
 
-        d = self.data
-        check(d.format in {"amazon2018", "amazon2023", "seq_json", "seq_txt", "recbole"},
-              f"data.format={d.format!r}: expected amazon2018|amazon2023|seq_json|seq_txt|recbole")
-        check(d.k_core >= 1, "data.k_core must be >= 1")
-        check(d.n_negatives >= 1, "data.n_negatives must be >= 1")
-        check(0 < d.warm_fraction < 1 and 0 < d.cold_fraction < 1
-              and d.warm_fraction + d.cold_fraction <= 1, "data.warm_fraction + cold_fraction must be in (0, 1]")
-        check(d.cold_users in {"auto", "exact3", "holdout", "none"},
-              "data.cold_users must be auto|exact3|holdout|none")
-        check(0 <= d.cold_user_fraction < 1, "data.cold_user_fraction must be in [0, 1)")
-        check(all(k > 0 for k in d.fewshot_k), "data.fewshot_k must be positive")
-        check(self.cf.hidden > 0 and self.cf.max_len > 1, "cf.hidden > 0 and cf.max_len > 1")
-        check(0 <= self.cf.dropout < 1, "cf.dropout must be in [0, 1)")
-        check(self.fewshot is None or self.fewshot in self.data.fewshot_k,
-              f"fewshot must be one of data.fewshot_k {self.data.fewshot_k} (prepare writes those subsets)")
-        check(self.stage2.llm_dtype in {"auto", "float32", "bfloat16", "float16"},
-              "stage2.llm_dtype must be auto|float32|bfloat16|float16")
-        check(self.stage2.item_tokens in {"joint", "sbert", "random", "none", "mlp"},
-              "stage2.item_tokens must be joint|sbert|random|none|mlp")
-        check(self.stage2.item_token_position in ITEM_TOKEN_POSITIONS,
-              f"stage2.item_token_position must be {'|'.join(ITEM_TOKEN_POSITIONS)}")
-        check(self.stage2.user_token_position in USER_TOKEN_POSITIONS,
-              f"stage2.user_token_position must be {'|'.join(USER_TOKEN_POSITIONS)}")
-        check(self.stage2.choice_weight > 0 and math.isfinite(self.stage2.choice_weight),
-              "stage2.choice_weight must be finite and > 0")
-        check(self.eval.mode in {"rank", "generate", "both"}, "eval.mode must be rank|generate|both")
-        check(self.score.pool in {"all", "cf_topn"}, "score.pool must be all|cf_topn")
-        for sect in ("cf", "stage1", "stage2"):
-            check(getattr(self, sect).num_workers >= 1, f"{sect}.num_workers must be >= 1")
-        s1 = self.stage1
-        check(s1.alpha >= 0 and s1.beta >= 0 and math.isfinite(s1.alpha) and math.isfinite(s1.beta),
-              "stage1.alpha and stage1.beta must be finite and >= 0")
+        check(d.warm_fraction + d.cold_fraction <= 1, "data.warm_fraction + data.cold_fraction must be <= 1")
+        check(self.fewshot is None or self.fewshot in d.fewshot_k,
+              f"fewshot must be one of data.fewshot_k {d.fewshot_k} (prepare writes those subsets)")
         check(s1.use_matching or s1.use_rec or (s1.use_recon and s1.alpha + s1.beta > 0),
               "stage1: every loss term is off (use_matching, use_rec, use_recon with alpha/beta): nothing to train")
-        check(s1.latent >= 1 and s1.batch_size >= 1 and s1.epochs >= 1 and s1.lr > 0,
-              "stage1.latent, batch_size, epochs must be >= 1 and stage1.lr > 0")
-        check(s1.sbert_trainable_layers >= -1, "stage1.sbert_trainable_layers must be -1 (all), 0 (frozen) or N >= 1")
-        check(self.stage1.zero_stage in {0, 1, 2, 3} and self.stage2.zero_stage in {0, 1, 2, 3},
-              "zero_stage must be 0..3")
-        t = self.tallrec
-        check(t.lr > 0 and t.batch_size >= 1 and (t.epochs is None or t.epochs >= 1),
-              "tallrec: lr > 0, batch_size >= 1 and epochs >= 1 (or null = stage2.epochs)")
-        check(t.lora_r >= 1 and t.lora_alpha > 0 and 0 <= t.lora_dropout < 1,
-              "tallrec: lora_r >= 1, lora_alpha > 0 and lora_dropout in [0, 1)")
-        check(all(m.strip() for m in t.target_modules), "tallrec.target_modules: names must be non-empty")
-        check(t.max_users is None or t.max_users >= 1, "tallrec.max_users must be >= 1 (or null = stage2.max_users)")
-        check(t.num_workers >= 1, "tallrec.num_workers must be >= 1")
-        check(t.zero_stage in {0, 1, 2, 3}, "tallrec.zero_stage must be 0..3")
+        check(self.serve.min_replicas <= self.serve.max_replicas, "serve.min_replicas must be <= serve.max_replicas")
+        check(len(self.eval.variants) > 0, "eval.variants must name at least one variant")
+        return errors
+
+    def validate(self, check_files: bool = True) -> "Config":
+        """Raise one ConfigError listing every problem (`problems`); `check_files`: also require the files
+        named by the config to exist here (off where a config travels to workers as a dict)."""
+        errors = self.problems(check_files)
+        if errors:
+            raise ConfigError(errors)
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of some sections (what a step depends on), for skip-if-unchanged."""
@@ -306,7 +349,75 @@ class Config:
 
 
 class ConfigError(ValueError):
-    pass
+    """One or more configuration errors; `errors` lists them all, `str()` shows them one per line."""
+
+    def __init__(self, errors: str | list[str]):
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        if len(self.errors) == 1:
+            msg = self.errors[0]
+        else:
+            msg = f"{len(self.errors)} errors:\n" + "\n".join(f"  - {e}" for e in self.errors)
+        super().__init__(msg)
+
+
+def _rule_problems(key: str, value: Any, rules: dict[str, Any], check_files: bool) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{key}={value}: must be a finite number"]
+    out = []
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        for name, op, word in (("ge", float.__ge__, ">="), ("gt", float.__gt__, ">"),
+                               ("le", float.__le__, "<="), ("lt", float.__lt__, "<")):
+            if name in rules and not op(float(value), float(rules[name])):
+                out.append(f"{key}={value}: must be {word} {rules[name]}")
+    if isinstance(value, str):
+        if rules.get("nonempty") and not value.strip():
+            out.append(f"{key}: must not be empty")
+        allowed = rules.get("choices")
+        if "registry" in rules:
+            allowed = REGISTRIES[rules["registry"]]()
+        if allowed is not None and value not in allowed:
+            close = difflib.get_close_matches(value, list(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            out.append(f"{key}={value!r}: expected one of {'|'.join(allowed)}{hint}")
+        if check_files and rules.get("file") and not resolve_project_file(value).is_file():
+            out.append(f"{key}={value!r}: file not found (relative paths: from the working directory, "
+                       f"else from the project {REPO_ROOT})")
+    return out
+
+
+def _field_problems(obj: Any, prefix: str, check_files: bool) -> list[str]:
+    errors: list[str] = []
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            errors += _field_problems(value, key + ".", check_files)
+            continue
+        rules = f.metadata.get("rules", {})
+        if isinstance(value, list):
+            for i, v in enumerate(value):
+                errors += _rule_problems(f"{key}[{i}]", v, rules, check_files)
+        else:
+            errors += _rule_problems(key, value, rules, check_files)
+    return errors
+
+
+def field_rules(cls: type = None) -> dict[str, dict[str, Any]]:
+    """{'section.key': rules} of every field with declared rules (for docs and tests)."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def walk(c: type, prefix: str) -> None:
+        hints = typing.get_type_hints(c)
+        for f in dataclasses.fields(c):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+            elif f.metadata.get("rules"):
+                out[f"{prefix}{f.name}"] = dict(f.metadata["rules"])
+
+    walk(cls or Config, "")
+    return out
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -363,22 +474,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
-def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+def _merge(obj: Any, data: dict[str, Any], prefix: str = "", errors: list[str] | None = None) -> None:
+    """Set `data` onto the dataclass `obj`. Problems (unknown keys, values of the wrong type) are appended
+    to `errors` when given (the rest still merges), else the first one is raised."""
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for k, v in data.items():
         key = f"{prefix}{k}"
-        if k not in names:
-            close = difflib.get_close_matches(k, names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint}")
-        cur = getattr(obj, k)
-        if dataclasses.is_dataclass(cur):
-            if not isinstance(v, dict):
-                raise ConfigError(f"{key}: expected a mapping, got {v!r}")
-            _merge(cur, v, key + ".")
-        else:
-            setattr(obj, k, _coerce(v, hints[k], key))
+        try:
+            if k not in names:
+                close = difflib.get_close_matches(str(k), names, n=1)
+                hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+                raise ConfigError(f"unknown config key {key!r}{hint}")
+            cur = getattr(obj, k)
+            if dataclasses.is_dataclass(cur):
+                if not isinstance(v, dict):
+                    raise ConfigError(f"{key}: expected a mapping, got {v!r}")
+                _merge(cur, v, key + ".", errors)
+            else:
+                setattr(obj, k, _coerce(v, hints[k], key))
+        except ConfigError as e:
+            if errors is None:
+                raise
+            errors.extend(e.errors)
 
 
 def _read_yaml(path: Path, seen: set[Path]) -> dict[str, Any]:
@@ -413,20 +531,36 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                check_files: bool = True) -> Config:
+    """defaults < YAML file < overrides, validated. Every problem (unreadable file, unknown key, bad type,
+    broken rule) is collected and raised together in one ConfigError."""
     cfg = Config()
+    errors: list[str] = []
     if path is not None:
-        _merge(cfg, _read_yaml(Path(path), set()))
+        try:
+            _merge(cfg, _read_yaml(Path(path), set()), errors=errors)
+        except (ConfigError, yaml.YAMLError) as e:
+            errors.extend(e.errors if isinstance(e, ConfigError) else [f"{path}: not valid YAML: {e}"])
     for ov in overrides or []:
-        keys, value = parse_override(ov)
+        try:
+            keys, value = parse_override(ov)
+        except (ConfigError, yaml.YAMLError) as e:
+            errors.extend(e.errors if isinstance(e, ConfigError) else [f"override {ov!r}: not valid YAML: {e}"])
+            continue
         nested: Any = value
         for k in reversed(keys):
             nested = {k: nested}
-        _merge(cfg, nested)
-    return cfg.validate()
+        _merge(cfg, nested, errors=errors)
+    errors += cfg.problems(check_files)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:
+    """A config shipped as a dict (to Ray workers, replicas): already checked where it was loaded, so its
+    files are not required to exist here."""
     cfg = Config()
     _merge(cfg, d)
-    return cfg.validate()
+    return cfg.validate(check_files=False)
