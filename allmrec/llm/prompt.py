@@ -286,14 +286,36 @@ def splice_soft_tokens(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, use
     return out
 
 
+def input_embedding_scale(module: torch.nn.Module) -> float | None:
+    """The factor an input-embedding module multiplies its rows by (Gemma: sqrt(hidden), 25.3 for
+    Gemma3-270M), at the module's weight dtype as its forward uses it; None when it does not scale."""
+    scale = getattr(module, "embed_scale", None)
+    if scale is None:
+        return None
+    weight = getattr(module, "weight", None)
+    if isinstance(scale, torch.Tensor) and isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        scale = scale.to(weight.dtype)
+    scale = float(scale)
+    return None if scale == 1.0 else scale
+
+
 def embed_with_soft_tokens(llm: torch.nn.Module, input_ids: torch.Tensor, placeholders: Placeholders,
                            user_soft: torch.Tensor | None = None,
                            item_soft: torch.Tensor | None = None) -> torch.Tensor:
     """LLM token embeddings of `input_ids` with soft tokens spliced in at the placeholders.
-    The embedding module is called (not its weight indexed) so that DeepSpeed ZeRO-3 can gather it."""
+    The embedding module is called (not its weight indexed) so that DeepSpeed ZeRO-3 can gather it.
+
+    Soft tokens live where embedding-table rows live: an embedding module that scales its rows
+    (Gemma multiplies by sqrt(hidden)) scales the soft tokens too, so the LLM receives every input on
+    the level it was trained on, and a soft token equal to a word's row acts exactly as that word."""
     p = placeholders
     safe = input_ids.masked_fill((input_ids == p.user_id) | (input_ids == p.item_id), p.fill_id)
-    emb = llm.get_input_embeddings()(safe)
+    module = llm.get_input_embeddings()
+    emb = module(safe)
+    scale = input_embedding_scale(module)
+    if scale is not None:
+        user_soft = None if user_soft is None else user_soft * scale
+        item_soft = None if item_soft is None else item_soft * scale
     return splice_soft_tokens(emb, input_ids, user_soft, item_soft, p)
 
 

@@ -2,8 +2,12 @@
 
 Only `Stage2Projector` learns. The LLM is frozen and reached through its inputs: its token
 embeddings with soft tokens spliced in go into `inputs_embeds`, and the loss is the cross-entropy
-of the target title's tokens (plus eos). Logits are computed only for the answer positions
-(`logits_to_keep`), which the left-padded batches put at the same right edge.
+of the target title's tokens (plus eos). The LM head runs only where there is a target: the final
+hidden states are gathered at the positions that predict a target token (the left-padded batches put
+them at the same right edge; padded target columns are dropped), then the head is applied to that
+(n_targets, hidden) block. With 150k-260k-token vocabularies the head is a large part of a step, and
+`logits_to_keep` in bf16 on CPU copies the whole transposed head every call (the kept slice is not
+contiguous), which this avoids.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .prompt import IGNORE, Placeholders, embed_with_soft_tokens, lm_forward
+from .prompt import IGNORE, Placeholders, embed_with_soft_tokens, positions_from_mask
 
 
 def _mlp(d_in: int, d_out: int) -> nn.Sequential:
@@ -63,6 +67,29 @@ def soft_prompt_embeds(llm: nn.Module, projector: Stage2Projector | None, input_
     return embed_with_soft_tokens(llm, input_ids, placeholders, user_soft, item_soft)
 
 
+def output_logits(llm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on final hidden states (..., H) -> (..., V), with what the model's own forward does
+    after its head: Gemma 2/3's final logit soft-capping (the only such step among the causal LMs
+    this project loads: Llama, OPT, Qwen2, Gemma3; a test checks each against the full forward)."""
+    logits = llm.get_output_embeddings()(hidden)
+    cap = getattr(llm.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def target_logits(llm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                  keep: torch.Tensor) -> torch.Tensor:
+    """Logits at the positions where `keep` (B, T) is True, (n_kept, V), row-major order: the backbone
+    over the whole sequence, then the head on the gathered (n_kept, H) hidden states only."""
+    if keep.shape != inputs_embeds.shape[:2] or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a bool mask of shape {tuple(inputs_embeds.shape[:2])}")
+    backbone = getattr(llm, llm.base_model_prefix)
+    out = backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                   position_ids=positions_from_mask(attention_mask), use_cache=False)
+    return output_logits(llm, out.last_hidden_state[keep])  # boolean gather: contiguous (n_kept, H)
+
+
 def stage2_loss(llm: nn.Module, projector: Stage2Projector, batch: dict[str, torch.Tensor],
                 user_reps: torch.Tensor | None, item_embs: torch.Tensor | None,
                 placeholders: Placeholders, choice_weight: float = 1.0) -> torch.Tensor:
@@ -82,13 +109,14 @@ def stage2_loss(llm: nn.Module, projector: Stage2Projector, batch: dict[str, tor
         raise ValueError("targets must end every row (left padding) and follow a non-empty prompt")
     embeds = soft_prompt_embeds(llm, projector, ids, placeholders, user_reps, item_embs)
     # Position t predicts token t+1: the last n_tgt tokens are predicted by positions T-n_tgt-1 .. T-2.
-    logits, _ = lm_forward(llm, embeds, mask, logits_to_keep=n_tgt + 1)
-    logits = logits[:, -(n_tgt + 1):-1].float()
     tgt = labels[:, -n_tgt:]
+    valid = tgt != IGNORE  # (B, n_tgt); a shorter answer leaves IGNORE columns on the left
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[:, T - n_tgt - 1:T - 1] = valid
+    logits = target_logits(llm, embeds, mask, keep).float()  # (n_valid, V), row-major like tgt[valid]
+    ce = F.cross_entropy(logits, tgt[valid], reduction="none")
     if choice_weight == 1.0:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE)
-    ce = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=IGNORE, reduction="none")  # (B, n_tgt)
-    valid = (tgt != IGNORE).float()
-    first = valid.cumsum(1) == 1  # targets are right-aligned: a row's first valid column is its first token
-    w = valid * torch.where(first & (valid > 0), choice_weight, 1.0)
+        return ce.mean()
+    first = valid.long().cumsum(1) == 1  # targets are right-aligned: a row's first valid column is its first token
+    w = torch.where(first[valid], choice_weight, 1.0).to(ce.dtype)
     return (ce * w).sum() / w.sum()

@@ -5,10 +5,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from allmrec.config import DomainConfig
 from allmrec.llm.lora import add_lora, default_target_modules, load_lora, lora_state, save_lora
-from allmrec.llm.prompt import PromptBuilder
+from allmrec.llm.prompt import IGNORE, PromptBuilder, positions_from_mask
 from allmrec.llm.stage2 import soft_prompt_embeds, stage2_loss
 
 MOVIES = DomainConfig("watched", "movie", "movies")
@@ -60,6 +61,30 @@ def test_only_lora_weights_learn_and_the_loss_goes_down(tiny):
         assert p.grad is None, n
         assert torch.equal(p, before[n.replace(".base_layer", "")]), n  # base weights bit for bit
     assert all(float(v.abs().sum()) > 0 for k, v in lora_state(model).items() if ".lora_B." in k)
+
+
+def test_tallrec_loss_at_the_targets_equals_the_full_forward_with_its_gradients(tiny):
+    """TALLRec's loss (Stage-2's, no projector; LM head on the answer positions only) equals the plain
+    causal-LM loss over every logit of the LoRA model's own forward, and so do the adapters' gradients."""
+    _, llm, tok = tiny
+    pb, batch = _batch(tok)
+    model = add_lora(llm, r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(0)
+    with torch.no_grad():  # non-zero B, so that every adapter weight gets a gradient
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = stage2_loss(model, None, batch, None, None, pb.placeholders)
+    got = torch.autograd.grad(loss, params)
+    mask = batch["attention_mask"]
+    emb = soft_prompt_embeds(model, None, batch["input_ids"], pb.placeholders)
+    logits = model(inputs_embeds=emb, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+    ref = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE)
+    want = torch.autograd.grad(ref, params)
+    assert torch.allclose(loss, ref, atol=1e-5), (loss, ref)
+    for g, w in zip(got, want):
+        assert g.abs().sum() > 0 and torch.allclose(g, w, atol=1e-6, rtol=1e-4)
 
 
 def test_saved_adapters_reproduce_the_logits_merged_or_not(tiny, make_tiny, tokenizers_by_style, tmp_path):

@@ -5,13 +5,43 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import allmrec.llm.prompt as prompt_mod
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
+
 from allmrec.config import DomainConfig
-from allmrec.llm.prompt import IGNORE, PromptBuilder, positions_from_mask
+from allmrec.llm.prompt import IGNORE, PromptBuilder, embed_with_soft_tokens, input_embedding_scale, positions_from_mask
 from allmrec.llm.stage2 import Stage2Projector, soft_prompt_embeds, stage2_loss
 
 MOVIES = DomainConfig("watched", "movie", "movies")
 D_USER, D_ITEM = 6, 5
+
+
+def tiny_gemma3(vocab: int, softcap: float | None = 30.0, seed: int = 0) -> Gemma3ForCausalLM:
+    """A tiny random Gemma3: it scales its input embeddings (x sqrt(32)) and, here, soft-caps its logits
+    (Gemma3-270M does not; Gemma 2 does) so the head-at-targets path must reproduce both."""
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                           max_position_embeddings=512, sliding_window=16, layer_types=["sliding_attention",
+                           "full_attention"], final_logit_softcapping=softcap, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2, initializer_range=0.2)
+    return Gemma3ForCausalLM(cfg).float().requires_grad_(False).eval()
+
+
+def tiny_qwen2(vocab: int, seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    return Qwen2ForCausalLM(cfg).float().requires_grad_(False).eval()
+
+
+@pytest.fixture(params=["opt", "llama", "gemma3", "qwen2"])
+def any_arch(request, tokenizers_by_style, make_tiny):
+    """(style, frozen tiny model, tokenizer) for the four architectures the project loads."""
+    style = "opt" if request.param == "opt" else "llama"
+    tok, vocab = tokenizers_by_style[style]
+    make = {"gemma3": tiny_gemma3, "qwen2": tiny_qwen2}.get(request.param, lambda v: make_tiny(request.param, v))
+    return request.param, make(vocab), tok
 
 
 def _batch(pb: PromptBuilder, seed: int = 0):
@@ -44,20 +74,78 @@ def _reference_loss(llm, embeds, batch, reduction: str = "mean"):
                            reduction=reduction)
 
 
-def test_loss_matches_full_logits_reference_and_fallback(tiny, monkeypatch):
-    _, llm, tok = tiny
+def test_head_at_targets_gives_the_full_forwards_loss_and_gradients(any_arch):
+    """The LM head applied only to the hidden states at the answer positions (Stage-2's and TALLRec's
+    loss) equals the plain causal-LM loss over all logits of the model's own forward, and so do the
+    projector's gradients, for OPT, Llama, Gemma3 (scaled embeddings, soft-capped logits) and Qwen2."""
+    _, llm, tok = any_arch
+    pb = PromptBuilder(tok, MOVIES, 8)
+    batch, user, items = _batch(pb)
+    assert (batch["labels"][0] != IGNORE).sum() != (batch["labels"][1] != IGNORE).sum()  # padded targets too
+    torch.manual_seed(1)
+    proj = Stage2Projector(D_USER, D_ITEM, llm.config.hidden_size)
+    for w in (1.0, 3.0):
+        proj.zero_grad()
+        loss = stage2_loss(llm, proj, batch, user, items, pb.placeholders, choice_weight=w)
+        loss.backward()
+        got = [p.grad.clone() for p in proj.parameters()]
+        proj.zero_grad()
+        ce = _reference_loss(llm, soft_prompt_embeds(llm, proj, batch["input_ids"], pb.placeholders, user, items),
+                             batch, reduction="none")
+        valid = batch["labels"][:, 1:] != IGNORE
+        weight = valid.float() * torch.where(valid.long().cumsum(1) == 1, w, 1.0)
+        ref = (ce * weight).sum() / weight.sum()
+        ref.backward()
+        assert torch.allclose(loss.detach(), ref.detach(), atol=1e-5), (w, loss, ref)
+        for g, p in zip(got, proj.parameters()):
+            assert g.abs().sum() > 0 and torch.allclose(g, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_head_at_targets_matches_logits_to_keep_in_bf16(tokenizers_by_style, make_tiny):
+    """In bf16 (the CPU default) the gathered-head loss agrees with `logits_to_keep` to bf16 precision."""
+    tok, vocab = tokenizers_by_style["llama"]
+    llm = make_tiny("llama", vocab).to(torch.bfloat16)
     pb = PromptBuilder(tok, MOVIES, 8)
     batch, user, items = _batch(pb)
     proj = Stage2Projector(D_USER, D_ITEM, llm.config.hidden_size)
-    loss = stage2_loss(llm, proj, batch, user, items, pb.placeholders)
     with torch.no_grad():
-        ref = _reference_loss(llm, soft_prompt_embeds(llm, proj, batch["input_ids"], pb.placeholders, user, items),
-                              batch)
-    assert torch.allclose(loss.detach(), ref, atol=1e-5), (loss, ref)
-    # architectures without `logits_to_keep`: backbone + lm_head on the kept positions only
-    monkeypatch.setattr(prompt_mod, "supports_logits_to_keep", lambda llm: False)
-    fallback = stage2_loss(llm, proj, batch, user, items, pb.placeholders)
-    assert torch.allclose(fallback.detach(), ref, atol=1e-5)
+        loss = stage2_loss(llm, proj, batch, user, items, pb.placeholders)
+        embeds = soft_prompt_embeds(llm, proj, batch["input_ids"], pb.placeholders, user, items)
+        mask = batch["attention_mask"]
+        n = int((batch["labels"] != IGNORE).sum(1).max())
+        logits = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask),
+                     logits_to_keep=n + 1).logits[:, :-1].float()
+        ref = F.cross_entropy(logits.transpose(1, 2), batch["labels"][:, -n:], ignore_index=IGNORE)
+    assert loss.dtype == torch.float32 and abs(float(loss) - float(ref)) < 2e-2 * float(ref), (loss, ref)
+
+
+def test_soft_tokens_are_fed_on_a_scaling_embeddings_level(tokenizers_by_style, make_tiny):
+    """Gemma scales its embedding rows (x sqrt(hidden)) inside the embedding module: a soft token equal
+    to a word's table row must reach the LLM exactly as that word does; a non-scaling model is unchanged."""
+    tok, vocab = tokenizers_by_style["llama"]
+    pb = PromptBuilder(tok, MOVIES, 8)
+    batch, _, _ = _batch(pb)
+    ids, ph = batch["input_ids"], pb.placeholders
+    g = tiny_gemma3(vocab)
+    module = g.get_input_embeddings()
+    assert input_embedding_scale(module) == pytest.approx(32 ** 0.5)
+    assert input_embedding_scale(make_tiny("llama", vocab).get_input_embeddings()) is None
+    words = torch.tensor([5, 17, 42, 7, 99, 3])  # the words the soft tokens stand for
+    n_items = (ids == ph.item_id).sum(1)
+    item_words = torch.stack([words.roll(b)[: int(n_items.max())] for b in range(2)])
+    user_words = torch.tensor([11, 12])
+    real = ids.clone()  # the same prompt with real words in the soft-token slots
+    for b in range(2):
+        real[b, ids[b] == ph.item_id] = item_words[b, : int(n_items[b])]
+        real[b, ids[b] == ph.user_id] = user_words[b]
+    table = module.weight
+    with torch.no_grad():
+        spliced = embed_with_soft_tokens(g, ids, ph, table[user_words], table[item_words])
+        assert torch.equal(spliced, module(real))
+        mask = batch["attention_mask"]
+        pos = positions_from_mask(mask)
+        assert torch.equal(g(inputs_embeds=spliced, attention_mask=mask, position_ids=pos).logits,
+                           g(input_ids=real, attention_mask=mask, position_ids=pos).logits)
 
 
 def test_left_padding_does_not_change_a_rows_loss(tiny):
