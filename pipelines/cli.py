@@ -107,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
         if job == "stage2":
             s.add_argument("--continue", dest="extend", action="store_true",
                            help="train the finished Stage-2 on to stage2.epochs from its last epoch")
+        if job == "serve":
+            s.add_argument("--variant", default=None, help="LLM variant to serve (default: the one stage2.* describes)")
         if job == "run":
             s.add_argument("--no-serve", action="store_true", help="do not start the service at the end")
     return p
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.job == "serve":
         # the service is its own package (pipelines/ never imports serve/): hand over the process
         cmd = [sys.executable, "-m", "serve"] + (["--config", args.config] if args.config else []) + overrides
+        if args.variant:
+            cmd += ["--variant", args.variant]
         os.execv(sys.executable, cmd)
     if cfg.torch_threads:
         import torch

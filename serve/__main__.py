@@ -7,6 +7,23 @@ import sys
 from allmrec.config import ConfigError, load_config
 
 
+def check_before_ray(cfg, variant: str | None) -> str | None:
+    """One line saying why this config cannot be served (unknown variant, no trained run there), else None."""
+    import difflib
+
+    from allmrec.artifacts import LLM_VARIANTS, RunFolder
+    if variant is not None and variant not in LLM_VARIANTS:
+        close = difflib.get_close_matches(variant, list(LLM_VARIANTS), n=1)
+        return (f"--variant {variant!r}: expected one of {'|'.join(LLM_VARIANTS)}"
+                + (f" (did you mean {close[0]!r}?)" if close else ""))
+    folder = RunFolder(cfg)
+    if not (folder.data / "manifest.json").is_file():
+        return f"{folder.root} is not a prepared run folder (no data/manifest.json): set run_dir= to a trained run"
+    if folder.cf_found() is None:
+        return f"{folder.root} has no trained CF model {cfg.cf.model!r}: run `allmrec train-cf` first"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serve", description="Serve a trained allmrec run over HTTP.")
     p.add_argument("--config", "-c", default=None, help="YAML config of the run (defaults < file < overrides)")
@@ -18,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"serve: config error: {e}", file=sys.stderr)
         return 2
+    problem = check_before_ray(cfg, args.variant)  # fail in a second, not after Ray's start-up
+    if problem:
+        print(f"serve: {problem}", file=sys.stderr)
+        return 2 if problem.startswith("--variant") else 1
     from serve.cli import start
     try:
         start(cfg, blocking=True, variant=args.variant)
