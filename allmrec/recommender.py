@@ -175,20 +175,27 @@ class LLMRecommender:
 
     @torch.no_grad()
     def rank(self, examples: Sequence[Example], length_norm: bool = True) -> np.ndarray:
-        """(B, C) log-likelihood scores of each example's candidates (higher is better)."""
-        b = self.batch(examples, with_target=False)
-        emb = self.embeds(b)
-        cands = [[self.target_ids(i) for i in ex.candidates] for ex in examples]
-        scores = rank_candidates(self.llm, emb, b["attention_mask"], cands, length_norm=length_norm)
-        return scores.float().cpu().numpy().reshape(len(examples), -1)
+        """(B, C) log-likelihood scores of each example's candidates (higher is better), -inf past an
+        example's own candidates. Batch-invariant: each example is embedded and run alone (projector,
+        prompt and candidates), so its scores do not depend on the other examples of the call."""
+        if not examples:
+            raise ValueError("rank needs at least one example")
+        out = np.full((len(examples), max(len(ex.candidates) for ex in examples)), -np.inf, dtype=np.float32)
+        for r, ex in enumerate(examples):
+            b = self.batch([ex], with_target=False)
+            cands = [self.target_ids(i) for i in ex.candidates]
+            s = rank_candidates(self.llm, self.embeds(b), b["attention_mask"], cands, length_norm=length_norm)
+            out[r, : len(cands)] = s.float().cpu().numpy()
+        return out
 
     @torch.no_grad()
     def generate(self, examples: Sequence[Example], max_new_tokens: int = 32) -> list[tuple[str, int | None]]:
-        """(generated text, index of the candidate it names exactly or None) per example."""
-        b = self.batch(examples, with_target=False)
-        texts = generate_titles(self.llm, self.embeds(b), b["attention_mask"], self.tokenizer, max_new_tokens)
+        """(generated text, index of the candidate it names exactly or None) per example. Each example is
+        decoded alone (as `rank`): greedy choices do not depend on the rest of the batch."""
         out = []
-        for ex, text in zip(examples, texts):
+        for ex in examples:
+            b = self.batch([ex], with_target=False)
+            (text,) = generate_titles(self.llm, self.embeds(b), b["attention_mask"], self.tokenizer, max_new_tokens)
             shown = [self.prompts.shown_title(self.titles[i]) for i in ex.candidates]
             out.append((text, match_candidate(text, shown)))
         return out

@@ -1,8 +1,20 @@
 """Recommending with the frozen LLM: rank candidates by likelihood, or generate a title and match it.
 
-Ranking runs the prompt once, keeps its KV cache, copies the cache once per candidate and scores
-every candidate title (the same " title<eos>" ids Stage-2 trains on) in one batched forward. It
-gives a full order (Hit@K, NDCG@K) and never names an item outside the candidate set.
+Ranking runs each user's prompt once, keeps its KV cache, and scores every candidate title (the same
+" title<eos>" ids Stage-2 trains on) in one more forward pass in which all the candidates of that user
+share the prompt's cache: they are packed one after another into a single sequence whose attention
+mask lets each candidate token see the prompt and the earlier tokens of its own candidate only, with
+position ids that continue after the prompt for every candidate (no per-candidate copy of the cache:
+memory grows with the candidates' tokens, not with candidates x prompt). The LM head is applied only
+at the positions whose next token is scored (the hidden states are gathered first), in chunks of
+`HEAD_CHUNK` rows, so the logits never cost more than HEAD_CHUNK x vocabulary floats.
+
+Batch invariance: every user is run alone (no left padding, batch size 1), so the numbers of a user
+depend only on that user's prompt and candidates, never on what else was passed in the same call. On a
+bf16 model this matters: matrix kernels pick their blocking from the number of rows, so the rounding of
+a row changes with the batch it is in (docs/serving.md, "Same answer every time").
+
+It gives a full order (Hit@K, NDCG@K) and never names an item outside the candidate set.
 Generation is the paper's protocol: greedy decoding, then an exact match (after normalization)
 against the candidate titles — not a substring test, so a generation listing two titles is a miss.
 """
@@ -14,6 +26,8 @@ import torch
 
 from ..data.text import normalize_title
 from .prompt import lm_forward
+
+HEAD_CHUNK = 256  # positions per LM-head call while scoring (bounds the logits to HEAD_CHUNK x vocab)
 
 
 def _as_nested(candidate_token_ids: Sequence, B: int) -> tuple[list[list[list[int]]], bool]:
@@ -33,6 +47,80 @@ def _as_nested(candidate_token_ids: Sequence, B: int) -> tuple[list[list[list[in
     return nested, flat
 
 
+def backbone(llm: torch.nn.Module) -> torch.nn.Module:
+    """The transformer without its LM head (returns last_hidden_state): LlamaModel, OPTModel, GPT2Model..."""
+    return getattr(llm, llm.base_model_prefix)
+
+
+def _head_logits(llm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of final hidden states (n, H), with the model's final logit soft-capping (Gemma 2)."""
+    logits = llm.get_output_embeddings()(hidden.contiguous()).float()
+    cap = getattr(llm.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def head_log_probs(llm: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                   chunk: int = HEAD_CHUNK) -> torch.Tensor:
+    """log p(targets[i] | hidden[i]) for final hidden states (N, H) and token ids (N,): the LM head is
+    applied to these rows only, `chunk` rows at a time (fp32 log-softmax), so memory is bounded by
+    chunk x vocab whatever N. Applies the model's final logit soft-capping where it has one (Gemma 2)."""
+    out = []
+    for i in range(0, hidden.shape[0], chunk):
+        logits = _head_logits(llm, hidden[i:i + chunk])
+        t = targets[i:i + chunk, None]
+        out.append(logits.gather(-1, t).squeeze(-1) - torch.logsumexp(logits, dim=-1))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _packed_mask(llm: torch.nn.Module, n_prompt: int, lengths: list[int], dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    """(1, 1, N, n_prompt + N) mask of packed candidates: token j of candidate k sees the whole prompt and
+    tokens 0..j of candidate k. Boolean (True = attend) for SDPA / flex; additive float for eager."""
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    n = len(seg)
+    idx = torch.arange(n, device=device)
+    own = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
+    allowed = torch.cat([torch.ones((n, n_prompt), dtype=torch.bool, device=device), own], dim=1)[None, None]
+    impl = getattr(llm.config, "_attn_implementation", "eager") or "eager"
+    if impl == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    if impl not in ("sdpa", "flex_attention"):
+        raise ValueError(f"ranking packs the candidates with a custom attention mask, which attn_implementation="
+                         f"{impl!r} does not take; load the LLM with attn_implementation='sdpa' or 'eager'")
+    return allowed
+
+
+def _rank_one(llm: torch.nn.Module, prompt: torch.Tensor, cands: list[list[int]], length_norm: bool) -> torch.Tensor:
+    """Scores (C,) of one user's candidates after one unpadded prompt (T, H)."""
+    dev, T = prompt.device, prompt.shape[0]
+    body = backbone(llm)
+    # 1) the prompt: its cache, and the distribution of the first answer token (head at the last position only)
+    out = body(inputs_embeds=prompt[None], attention_mask=torch.ones((1, T), dtype=torch.long, device=dev),
+               position_ids=torch.arange(T, device=dev)[None], use_cache=True)
+    past = out.past_key_values
+    firsts = torch.tensor([c[0] for c in cands], device=dev)
+    last = out.last_hidden_state[0, -1:]
+    total = torch.log_softmax(_head_logits(llm, last), dim=-1)[0, firsts]
+    # 2) every candidate's tokens 0..L-2, packed into one row over the shared cache; token j+1 is scored
+    #    at fed token j. Positions continue after the prompt for each candidate.
+    fed = [c[:-1] for c in cands]
+    lengths = [len(f) for f in fed]
+    if sum(lengths):
+        ids = torch.tensor([t for f in fed for t in f], device=dev)
+        tgt = torch.tensor([t for c in cands for t in c[1:]], device=dev)
+        pos = T + torch.cat([torch.arange(n, device=dev) for n in lengths])
+        emb = llm.get_input_embeddings()(ids)[None]
+        mask = _packed_mask(llm, T, lengths, emb.dtype, dev)
+        h = body(inputs_embeds=emb, attention_mask=mask, position_ids=pos[None], past_key_values=past,
+                 use_cache=True).last_hidden_state[0]
+        lp = head_log_probs(llm, h, tgt)
+        owner = torch.repeat_interleave(torch.arange(len(cands), device=dev), torch.tensor(lengths, device=dev))
+        total = total.index_add(0, owner, lp)
+    if length_norm:
+        total = total / torch.tensor([len(c) for c in cands], device=dev, dtype=total.dtype)
+    return total
+
+
 @torch.no_grad()
 def rank_candidates(llm: torch.nn.Module, prompt_embeds: torch.Tensor, attention_mask: torch.Tensor,
                     candidate_token_ids: Sequence, length_norm: bool = True) -> torch.Tensor:
@@ -41,49 +129,23 @@ def rank_candidates(llm: torch.nn.Module, prompt_embeds: torch.Tensor, attention
     prompt_embeds (B, T, H) left-padded (from `soft_prompt_embeds`), attention_mask (B, T).
     candidate_token_ids: list[list[int]] for B == 1 -> scores (n_cand,); or one such list per user ->
     (B, max n_cand), -inf where a user has fewer candidates. length_norm: mean log-prob per token
-    (titles of different lengths compete fairly), else the sum.
+    (titles of different lengths compete fairly), else the sum. Each user runs alone, without its
+    padding: a user's scores do not depend on the other users of the call.
     """
     if prompt_embeds.dim() != 3 or attention_mask.shape != prompt_embeds.shape[:2]:
         raise ValueError(f"prompt_embeds (B,T,H) and attention_mask (B,T) expected, got "
                          f"{tuple(prompt_embeds.shape)} and {tuple(attention_mask.shape)}")
     B = prompt_embeds.shape[0]
     nested, flat = _as_nested(candidate_token_ids, B)
-    dev = prompt_embeds.device
-
-    # 1) the prompt, once per user: cache + the distribution of the first answer token
-    logits, past = lm_forward(llm, prompt_embeds, attention_mask, use_cache=True, logits_to_keep=1)
-    first_logp = torch.log_softmax(logits[:, -1].float(), dim=-1)  # (B, V)
-
-    # 2) one row per (user, candidate); candidates right-padded, so padding never precedes a real token
-    user_of = torch.tensor([u for u, c in enumerate(nested) for _ in c], device=dev)
-    rows = [c for cands in nested for c in cands]
-    L = max(len(c) for c in rows)
-    cand = torch.zeros((len(rows), L), dtype=torch.long, device=dev)
-    cmask = torch.zeros((len(rows), L), dtype=torch.long, device=dev)
-    for r, c in enumerate(rows):
-        cand[r, : len(c)] = torch.tensor(c, dtype=torch.long)
-        cmask[r, : len(c)] = 1
-    total = first_logp[user_of, cand[:, 0]]
-    if L > 1:
-        # Feed tokens 0..L-2 of every candidate on top of its user's cached prompt; token j+1 is
-        # predicted at fed position j. Positions continue after each user's real prompt length.
-        past.reorder_cache(user_of)
-        fed = llm.get_input_embeddings()(cand[:, :-1])
-        mask = torch.cat([attention_mask[user_of].long(), cmask[:, :-1]], dim=1)
-        start = attention_mask.long().sum(1)[user_of]
-        pos = start[:, None] + torch.arange(L - 1, device=dev)[None]
-        logits, _ = lm_forward(llm, fed, mask, position_ids=pos, past_key_values=past)
-        lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, cand[:, 1:, None]).squeeze(-1)
-        total = total + (lp * cmask[:, 1:]).sum(1)
-    if length_norm:
-        total = total / cmask.sum(1)
+    keep = attention_mask.bool()
+    if not bool((keep.long().cummax(1).values == keep.long()).all()) or not bool(keep.any(1).all()):
+        raise ValueError("attention_mask must be left padding only (zeros, then ones) with a non-empty prompt per row")
+    rows = [_rank_one(llm, prompt_embeds[b][keep[b]], nested[b], length_norm) for b in range(B)]
     if flat:
-        return total
-    out = torch.full((B, max(len(c) for c in nested)), float("-inf"), device=dev)
-    r = 0
-    for u, cands in enumerate(nested):
-        out[u, : len(cands)] = total[r: r + len(cands)]
-        r += len(cands)
+        return rows[0]
+    out = torch.full((B, max(len(c) for c in nested)), float("-inf"), device=prompt_embeds.device)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = r
     return out
 
 

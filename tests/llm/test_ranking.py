@@ -1,6 +1,7 @@
 """Candidate ranking over a shared KV cache, greedy generation, and exact title matching."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,8 @@ from allmrec.llm.ranking import generate_title, generate_titles, match_candidate
 from allmrec.llm.stage2 import soft_prompt_embeds
 
 MOVIES = DomainConfig("watched", "movie", "movies")
+ALL_TITLES = ["The Matrix (1999)", "Toy Story (1995)", "Heat (1995)", "Casino (1995)", "Pulp Fiction (1994)",
+              "Fargo (1996)", "Alien (1979)", "Jaws (1975)", "Brazil (1985)", "Amelie (2001)"]
 CANDS = ["Heat (1995)", "Casino (1995)", "Pulp Fiction (1994)", "Alien (1979)", "Jaws (1975)", "Brazil (1985)"]
 
 
@@ -135,3 +138,111 @@ def test_absolute_positions_survive_left_padding(tokenizers_by_style):
         scores = rank_candidates(llm, embeds, mask, [cand_ids, cand_ids], length_norm=False)
         for j, ids in enumerate(cand_ids):
             assert abs(scores[1, j].item() - _no_cache_score(llm, embeds[1], mask[1], ids, False)) < 1e-5
+
+
+def _recommender(tok, llm, seed=0):
+    """An A-LLMRec recommender over the test titles: random projector, random item vectors, user token."""
+    from allmrec.recommender import LLMRecommender, build_projector
+    torch.manual_seed(seed)
+    H = llm.config.hidden_size
+    proj = build_projector("joint", True, 8, 6, H).eval()
+    vecs = np.random.default_rng(seed).standard_normal((len(ALL_TITLES) + 1, 6)).astype(np.float32)
+    return LLMRecommender(llm, tok, ["", *ALL_TITLES], MOVIES, projector=proj, item_vectors=vecs, use_user_token=True,
+                          history_len=5, max_title_tokens=8)
+
+
+def _examples(n, seed=0):
+    from allmrec.recommender import Example
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        items = rng.permutation(np.arange(1, len(ALL_TITLES) + 1)).tolist()
+        h = int(rng.integers(1, 5))  # histories of different lengths: the old batch was left-padded
+        out.append(Example(rng.standard_normal(8).astype(np.float32), items[:h], items[h:h + 5]))
+    return out
+
+
+@pytest.mark.parametrize("style", ["llama", "opt"])
+def test_scores_do_not_depend_on_the_batch(tokenizers_by_style, style):
+    """bf16: one example alone, twice in a batch, and among 7 others gets the same scores (issue 19: the
+    batched path differed by up to 0.06). A wider model than `tiny`, so the matrix kernels reduce over
+    hundreds of terms, as in a real LLM."""
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    tok, vocab = tokenizers_by_style[style]
+    torch.manual_seed(0)
+    if style == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+        llm = LlamaForCausalLM(cfg)
+    else:
+        cfg = OPTConfig(vocab_size=vocab + 8, hidden_size=256, word_embed_proj_dim=256, ffn_dim=768,
+                        num_hidden_layers=2, num_attention_heads=4, init_std=0.1, dropout=0.0)
+        llm = OPTForCausalLM(cfg)
+    llm = llm.to(torch.bfloat16).requires_grad_(False).eval()
+    rec = _recommender(tok, llm)
+    exs = _examples(8)
+    alone = rec.rank(exs[:1])[0]
+    twice = rec.rank([exs[0], exs[0]])
+    eight = rec.rank(exs)
+    for other in (twice[0], twice[1], eight[0]):
+        assert np.abs(other - alone).max() <= 1e-4
+        assert np.argsort(-other, kind="stable").tolist() == np.argsort(-alone, kind="stable").tolist()
+    assert np.abs(rec.rank(exs[::-1])[-1] - alone).max() <= 1e-4  # last of 8 instead of first
+    assert np.isfinite(eight).all() and eight.shape == (8, 5)
+
+
+def test_head_at_the_targets_equals_the_full_logits(tiny):
+    """head_log_probs (gather the hidden states, then the LM head, in chunks) == log_softmax of the model's
+    own full-sequence logits at the same positions (issue 23: the head at the targets only)."""
+    from allmrec.llm.ranking import backbone, head_log_probs
+
+    _, llm, _ = tiny
+    ids = torch.randint(3, 200, (1, 17))
+    with torch.no_grad():
+        full = torch.log_softmax(llm(input_ids=ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+        h = backbone(llm)(input_ids=ids).last_hidden_state[0, :-1]
+        for chunk in (1, 5, 256):  # chunking changes nothing
+            assert torch.allclose(head_log_probs(llm, h, ids[0, 1:], chunk=chunk), full, atol=1e-5)
+
+
+def test_candidates_share_one_prompt_cache(tiny):
+    """No per-candidate copy of the prompt's KV cache: every forward pass of a ranking has batch size 1 and
+    the candidate pass feeds only the candidates' own tokens (memory grows with tokens, not C x prompt)."""
+    from allmrec.llm.ranking import backbone
+
+    _, llm, tok = tiny
+    pb = PromptBuilder(tok, MOVIES, 6, use_user_token=False, item_tokens=False)
+    embeds, mask = _prompts(pb, llm, [["The Matrix (1999)"], ["Amelie (2001)", "Heat (1995)"]], [CANDS, CANDS[:3]])
+    cand_ids = [[pb.target_ids(t) for t in CANDS], [pb.target_ids(t) for t in CANDS[:3]]]
+    shapes = []
+    hook = backbone(llm).register_forward_hook(lambda m, a, kw, out: shapes.append(tuple(kw["inputs_embeds"].shape)),
+                                               with_kwargs=True)
+    try:
+        with torch.no_grad():
+            rank_candidates(llm, embeds, mask, cand_ids)
+    finally:
+        hook.remove()
+    fed = [sum(len(c) - 1 for c in cands) for cands in cand_ids]
+    assert [s[:2] for s in shapes] == [(1, int(mask[0].sum())), (1, fed[0]), (1, int(mask[1].sum())), (1, fed[1])]
+
+
+@pytest.mark.slow
+def test_packaged_llm_scores_do_not_depend_on_the_batch():
+    """The packaged SmolLM2-135M in bf16 (the served model's precision on this CPU): one example alone and
+    among 7 others, 20 candidates each, same top-10 and scores within 1e-4 (the batched path of before
+    differed by 0.07 here)."""
+    from allmrec.llm.loading import load_llm
+    from allmrec.recommender import Example, LLMRecommender
+
+    llm, tok = load_llm("packaged:SmolLM2-135M-Instruct", dtype=torch.bfloat16)
+    rng = np.random.default_rng(0)
+    words = "star night river dark king lost city love war blue house road fire dream ghost summer".split()
+    titles = ["", *(" ".join(rng.choice(words, size=int(rng.integers(2, 6)))).title() + f" ({1950 + i % 50})"
+                    for i in range(120))]
+    rec = LLMRecommender(llm, tok, titles, MOVIES, projector=None, item_vectors=None, use_user_token=False)
+    exs = [Example(None, rng.choice(np.arange(1, 121), int(rng.integers(3, 10)), replace=False).tolist(),
+                   rng.choice(np.arange(1, 121), 20, replace=False).tolist()) for _ in range(8)]
+    alone, eight = rec.rank(exs[:1])[0], rec.rank(exs)[0]
+    assert np.abs(eight - alone).max() <= 1e-4
+    assert np.argsort(-eight, kind="stable")[:10].tolist() == np.argsort(-alone, kind="stable")[:10].tolist()
