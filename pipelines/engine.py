@@ -44,6 +44,21 @@ def deepspeed_config(path: str, *, micro_batch: int, zero_stage: int, bf16: bool
     return conf
 
 
+def zero_init_config(conf: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The config to build a frozen model under ZeRO-3's `zero.Init` (`HfDeepSpeedConfig`) in `dtype`.
+
+    `zero.Init` takes its parameter dtype from the config's fp16/bf16 switches, which we keep off on CPU
+    (they would also put the trained projectors in half precision): with them off it re-created every
+    weight in fp32, so the Ray job ran the LLM in fp32 while `stage2.llm_dtype=auto` asked for bf16 (2.2x
+    the step time on this CPU, docs/benchmarks.md). Only model construction sees this copy; the engine
+    keeps `conf`, so the trainable parameters stay fp32.
+    """
+    out = json.loads(json.dumps(conf))
+    out["bf16"] = {"enabled": dtype == torch.bfloat16}
+    out["fp16"] = {"enabled": dtype == torch.float16}
+    return out
+
+
 def init_distributed(use_gpu: bool) -> None:
     """Ray Train already created the process group (gloo on CPU, NCCL on GPU); DeepSpeed adopts it."""
     import deepspeed
