@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
 from allmrec.config import ConfigError, load_config
+from allmrec.procs import Terminated, descendants, end_new_children, sigterm_raises
 
 # job -> (one-line help, what it reads and writes: the job's --help)
 JOBS: dict[str, tuple[str, str]] = {
@@ -163,50 +162,11 @@ def preflight(cfg, job: str) -> str | None:
     return None
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an exception so that `finally` blocks run and Ray is shut down."""
-
-
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    raise Terminated()
-
-
-def _descendants() -> dict[int, object]:
-    import psutil
-    try:
-        return {c.pid: c for c in psutil.Process().children(recursive=True)}
-    except psutil.Error:
-        return {}
-
-
-def stop_local_ray(before: set[int], grace_s: float = 10.0) -> list[int]:
-    """Shut down the Ray cluster this process started and end every process it left behind.
-
-    `ray.shutdown()` stops the raylet and GCS, but Ray's DashboardAgent and RuntimeEnvAgent ignore SIGTERM
-    and outlive it (issue 19). Only descendants of this process that were not there before the job
-    (`before`) are touched: SIGTERM, then SIGKILL after `grace_s`. Returns the pids that had to be killed."""
-    import psutil
-
-    started = {pid: p for pid, p in _descendants().items() if pid not in before}
+def _ray_shutdown() -> None:
     if "ray" in sys.modules:
         import ray
         if ray.is_initialized():
             ray.shutdown()
-    alive = [p for p in started.values() if p.is_running()]
-    _, alive = psutil.wait_procs(alive, timeout=min(3.0, grace_s))
-    for p in alive:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-    return [p.pid for p in alive]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,12 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         torch.set_num_threads(cfg.torch_threads)
     ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
-    before = set(_descendants())
-    in_main = threading.current_thread() is threading.main_thread()  # signal handlers live there only
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    local = not ray_was_up and not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    before = descendants()
     t0 = time.perf_counter()
     try:
-        print(_run_job(args, cfg, variants))
+        with sigterm_raises():
+            print(_run_job(args, cfg, variants))
     except (FileNotFoundError, ValueError) as e:
         print(f"allmrec {args.job}: error: {e}", file=sys.stderr)
         return 1
@@ -258,14 +218,10 @@ def main(argv: list[str] | None = None) -> int:
               "stopping Ray", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
-        try:
-            if not ray_was_up and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-                stop_local_ray(before)
-        finally:
-            if in_main:
-                signal.signal(signal.SIGTERM, previous)
+        if local:  # the cluster this job started, and whatever of it would outlive ray.shutdown()
+            left = end_new_children(before, _ray_shutdown)
+            if left:
+                print(f"allmrec {args.job}: ended {len(left)} process(es) Ray left behind", file=sys.stderr)
     print(f"[{args.job}] done in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -39,12 +39,23 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"serve: {problem}", file=sys.stderr)
         return 2 if problem.startswith("--variant") else 1
+    import os
+
+    from allmrec.procs import descendants, end_new_children, sigterm_raises
     from serve.cli import start
+    before, local = descendants(), not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     try:
-        start(cfg, blocking=True, variant=args.variant)
+        with sigterm_raises():  # SIGTERM stops the service as Ctrl-C does
+            start(cfg, blocking=True, variant=args.variant)
     except (FileNotFoundError, ValueError) as e:
         print(f"serve: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # SIGTERM before start() took over Ctrl-C
+        return 143
+    finally:
+        if local:  # the local cluster start() made, and the agents that would outlive ray.shutdown()
+            import ray
+            end_new_children(before, ray.shutdown)
     return 0
 
 

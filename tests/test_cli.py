@@ -1,0 +1,147 @@
+"""The `allmrec` command line: version, help, overrides anywhere, `allmrec config`, fast failures before Ray
+starts, and SIGTERM leaving no Ray process behind (one test starts a job in a subprocess)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_version_and_help_per_job(capsys):
+    import allmrec
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["--version"])
+    assert ei.value.code == 0 and capsys.readouterr().out.strip() == f"allmrec {allmrec.__version__}"
+    helps = {}
+    for job in cli.JOBS:
+        with pytest.raises(SystemExit):
+            cli.main([job, "--help"])
+        helps[job] = capsys.readouterr().out
+        assert cli.JOBS[job][1].split()[0] in helps[job], job  # its own description, not a generic line
+    assert "RUN_DIR/cf/" in helps["train-cf"] and "--continue" in helps["stage2"] and "RUN_DIR" in helps["export"]
+    assert len(set(helps.values())) == len(helps)
+
+
+def test_overrides_anywhere_on_the_line():
+    a = cli.parse_args(["stage2", "--config", "configs/ml100k.yaml", "--force", "run_dir=y", "--continue", "cf.epochs=3"])
+    assert a.force and a.extend and a.config == "configs/ml100k.yaml" and a.overrides == ["run_dir=y", "cf.epochs=3"]
+    a = cli.parse_args(["genres", "-c", "c.yaml", "allmrec", "--max-users", "5", "llm_only", "run_dir=r"])
+    assert a.max_users == 5 and a.overrides == ["allmrec", "llm_only", "run_dir=r"]
+    with pytest.raises(SystemExit):
+        cli.parse_args(["stage2", "--bogus"])
+
+
+def test_a_yaml_path_without_config_gets_a_hint(capsys):
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["train-cf", "configs/ml100k.yaml"])
+    assert ei.value.code == 2
+    assert "pass it as --config configs/ml100k.yaml" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["prepare", "--config", "configs/ml100k.yaml", "k_core"])  # a bare word is no override
+    assert "section.key=value" in capsys.readouterr().err
+
+
+def test_config_prints_the_resolved_yaml_or_every_error(capsys):
+    assert cli.main(["config", "--config", "configs/ml100k.yaml", "cf.epochs=7", "--force", "run_dir=/tmp/zz"]) == 0
+    d = yaml.safe_load(capsys.readouterr().out)
+    assert d["cf"]["epochs"] == 7 and d["run_dir"] == "/tmp/zz" and d["name"] == "ml100k" and d["cf"]["dropout"] == 0.2
+    assert cli.main(["config", "cf.model=sasrc", "serve.port=0", "eval.variants=[allmrc]"]) == 2
+    err = capsys.readouterr().err
+    assert "3 errors" in err and "cf.model='sasrc'" in err and "serve.port=0" in err and "'allmrc'" in err
+
+
+def test_run_folder_checked_before_ray(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    t0 = time.perf_counter()
+    assert cli.main(["prepare", f"run_dir={blocker / 'run'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("allmrec prepare: ") and "is not writable" in err and len(err.splitlines()) == 1
+    assert time.perf_counter() - t0 < 10  # no Ray start-up (that takes 30-110 s here)
+    monkeypatch.setattr(cli.shutil, "disk_usage", lambda p: type("U", (), {"free": 100 << 20})())
+    assert cli.main(["train-cf", f"run_dir={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "0.10 GiB free, less than the 1 GiB a job needs" in err and len(err.splitlines()) == 1
+
+
+def _session_of(procs) -> str | None:
+    for p in procs:
+        try:
+            m = re.search(r"(session_\d{4}-\d\d-\d\d_[\d-]+_[\d_]+)", " ".join(p.cmdline()))
+        except Exception:  # noqa: BLE001  (a process that just ended)
+            continue
+        if m:
+            return m.group(1)
+    return None
+
+
+@pytest.mark.ray
+def test_sigterm_leaves_no_ray_process(tmp_path):
+    """SIGTERM to a running job: it exits, and no process of its Ray cluster survives (Ray's DashboardAgent
+    and RuntimeEnvAgent ignore SIGTERM; the CLI ends them)."""
+    psutil = pytest.importorskip("psutil")
+    env = dict(os.environ, RAY_ADDRESS="", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", "--no-serve", f"run_dir={tmp_path / 'r'}",
+                             "ray.num_cpus=2", "ray.progress=false"], cwd=str(REPO), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: dict[int, object] = {}
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            kids = psutil.Process(proc.pid).children(recursive=True)
+            seen.update({k.pid: k for k in kids})
+            names = " ".join(" ".join(k.cmdline()) for k in kids if k.is_running())
+            if "raylet" in names and "dashboard/agent.py" in names and "runtime_env/agent" in names:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the job ended before its Ray cluster was up:\n" + proc.stdout.read()[-3000:]
+        session = _session_of(seen.values())
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "Traceback" not in out[-2000:], out[-3000:]
+    time.sleep(1)
+    alive = [p for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(p.pid, p.name()) for p in alive]
+    if session:  # nothing else of that Ray session either (e.g. a process re-parented to init)
+        left = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if session in " ".join(p.info["cmdline"] or []) and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(p.info["pid"])
+        assert not left, left
+
+
+def test_end_new_children_kills_what_ignores_sigterm():
+    """What Ray's DashboardAgent and RuntimeEnvAgent do (ignore SIGTERM) is ended by SIGKILL; processes
+    that were already there are left alone."""
+    import psutil
+
+    from allmrec.procs import descendants, end_new_children
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(120)"
+    old = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        before = descendants()
+        new = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert new.stdout.readline().strip() == "up"  # its handler is installed
+        calls = []
+        t0 = time.perf_counter()
+        assert end_new_children(before, lambda: calls.append(1), grace_s=1.0) == [new.pid]
+        assert calls == [1] and not psutil.pid_exists(new.pid) and time.perf_counter() - t0 < 30  # killed and reaped
+        assert psutil.Process(old.pid).is_running() and old.poll() is None
+    finally:
+        old.kill()
+        old.wait()
