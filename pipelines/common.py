@@ -106,6 +106,43 @@ def worker_threads(cfg: Config, num_workers: int, use_gpu: bool) -> int:
     return 4 if use_gpu else max(1, (os.cpu_count() or 1) // max(1, num_workers))
 
 
+def drop_unregistered_checkpoints(trial_dir: Path) -> list[str]:
+    """Remove the checkpoint folders of a Ray Train run that its checkpoint manager never registered: what
+    an attempt killed mid-checkpoint left (Ray resumes from the checkpoints its snapshot lists and never
+    deletes the others). Without a snapshot no checkpoint was registered: all go. An unreadable snapshot
+    keeps everything. Returns the names removed."""
+    import json
+    import shutil
+
+    trial_dir = Path(trial_dir)
+    if not trial_dir.is_dir():
+        return []
+    found = [p for p in trial_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
+    snapshot = trial_dir / "checkpoint_manager_snapshot.json"
+    listed: set[str] = set()
+    if snapshot.exists():
+        try:
+            state = json.loads(snapshot.read_text())
+        except (OSError, ValueError):
+            return []
+
+        def walk(x) -> None:  # every checkpoint_dir_name anywhere in the snapshot (kept, latest, pending)
+            if isinstance(x, dict):
+                for k, v in x.items():
+                    listed.add(v) if k == "checkpoint_dir_name" and isinstance(v, str) else walk(v)
+            elif isinstance(x, list):
+                for v in x:
+                    walk(v)
+        walk(state)
+    gone = sorted(p.name for p in found if p.name not in listed)
+    for name in gone:
+        shutil.rmtree(trial_dir / name, ignore_errors=True)
+    if gone:
+        log.info("removed %d checkpoint folder(s) a killed Train attempt left in %s: %s", len(gone), trial_dir,
+                 ", ".join(gone))
+    return gone
+
+
 def make_trainer(cfg: Config, run_name: str, train_func, loop_config: dict, datasets: dict, *,
                  num_workers: int, use_gpu: bool, max_failures: int, force: bool):
     """The TorchTrainer every training job uses: DDP over gloo (CPU) or NCCL (GPU), the "train" dataset
@@ -120,6 +157,8 @@ def make_trainer(cfg: Config, run_name: str, train_func, loop_config: dict, data
     if force:
         import shutil
         shutil.rmtree(run_path(cfg, "ray_results", run_name), ignore_errors=True)
+    else:  # a killed attempt's half-written checkpoint, outside the snapshot Ray resumes from
+        drop_unregistered_checkpoints(run_path(cfg, "ray_results", run_name))
     return TorchTrainer(
         train_func,
         train_loop_config={**loop_config, "threads": worker_threads(cfg, num_workers, use_gpu)},

@@ -145,3 +145,29 @@ def test_end_new_children_kills_what_ignores_sigterm():
     finally:
         old.kill()
         old.wait()
+
+
+def test_a_killed_attempts_checkpoint_folder_is_removed(tmp_path):
+    """Ray Train resumes from the checkpoints its snapshot lists; a folder a killed attempt was writing is in
+    none of them and would stay forever. make_trainer drops it before the next run."""
+    import json
+
+    from pipelines.common import drop_unregistered_checkpoints
+    trial = tmp_path / "train_cf-sasrec-abc"
+    for name in ("checkpoint_2026-12-06_01-44-13.988451", "checkpoint_2026-12-06_01-45-07.668044",
+                 "checkpoint_2026-12-06_01-46-00.000001"):
+        (trial / name).mkdir(parents=True)
+        (trial / name / "state.pt").write_text("x")
+    (trial / "checkpoint_manager_snapshot.json").write_text(json.dumps({
+        "ray_version": "2.60.0",
+        "checkpoint_results": [{"checkpoint_dir_name": "checkpoint_2026-12-06_01-44-13.988451", "metrics": {}}],
+        "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-12-06_01-45-07.668044"}}))
+    assert drop_unregistered_checkpoints(trial) == ["checkpoint_2026-12-06_01-46-00.000001"]
+    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_2026-12-06_01-44-13.988451",
+                                                       "checkpoint_2026-12-06_01-45-07.668044",
+                                                       "checkpoint_manager_snapshot.json"]
+    (trial / "checkpoint_manager_snapshot.json").write_text("{not json")  # unreadable: keep everything
+    assert drop_unregistered_checkpoints(trial) == [] and len(list(trial.iterdir())) == 3
+    (trial / "checkpoint_manager_snapshot.json").unlink()  # killed before any checkpoint was registered
+    assert len(drop_unregistered_checkpoints(trial)) == 2 and list(trial.iterdir()) == []
+    assert drop_unregistered_checkpoints(tmp_path / "absent") == []
