@@ -8,7 +8,7 @@ README.md model card) and, at the same time, the inference subset of a run folde
     config.json                  model_type "allmrec": variant, LLM, CF model, sizes, prompt, files, metrics
     config.yaml                  the run's resolved allmrec config (run_dir = OUT)
     README.md                    model card: what was trained, on what, with which settings; measured metrics
-    cf/                          the CF model: config.json + model.safetensors (+ its train-cf manifest)
+    cf/<model>/                  the CF model: config.json + model.safetensors (+ its train-cf manifest)
     stage1/                      export.safetensors (aligner f_I/f_T enc/dec + fine-tuned SBERT layers),
                                  joint_emb.parquet (the item table: e_i, q_i per item)
     stage2/[<variant>/]          projector.safetensors (F_U, F_I) + the config it was trained with
@@ -142,12 +142,12 @@ def export_run(run: str | Path, out: str | Path, *, config: str | Path | None = 
             if (src.data / name).exists():
                 _copy(src.data / name, dst.data / name)
         _copy(src.data / MANIFEST, dst.data / MANIFEST)
-        # the CF model at cf/ with its manifest (RunFolder reads it there when it is the configured model)
+        # the CF model at cf/<model>/ with its manifest, where RunFolder finds it
         for name in (CF_CONFIG, CF_WEIGHTS, MANIFEST):
-            _copy(cf_dir / name, tmp / "cf" / name)
-        m = read_manifest(tmp / "cf") or {}
-        if m.get("model") != cfg.cf.model:
-            (tmp / "cf" / MANIFEST).write_text(json.dumps({**m, "model": cfg.cf.model}, indent=2))
+            _copy(cf_dir / name, dst.cf_dir() / name)
+        m = read_manifest(dst.cf_dir()) or {}
+        if m.get("model") != cfg.cf.model:  # a pre-layout run's cf/ manifest may not name it
+            (dst.cf_dir() / MANIFEST).write_text(json.dumps({**m, "model": cfg.cf.model}, indent=2))
         if needs_stage1 or src.stage1_export_path.is_file():  # the service's Aligner embeds new items with it
             src.require(src.stage1, src.command("stage1"))
             for name in (STAGE1_EXPORT, JOINT_EMB, MANIFEST):
@@ -214,7 +214,7 @@ def _model_config(cfg: Config, src: RunFolder, prep, variant: str, root: Path) -
     if proj.is_file():
         with safe_open(str(proj), "pt") as f:
             dims = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    cf_meta = json.loads((root / "cf" / CF_CONFIG).read_text())
+    cf_meta = json.loads((RunFolder(cfg, root).cf_dir() / CF_CONFIG).read_text())
     return {
         "model_type": MODEL_TYPE, "architectures": ["ALLMRec"], "format_version": FORMAT_VERSION,
         "allmrec_version": allmrec.__version__, "variant": variant, "item_tokens": item_tokens,
