@@ -51,21 +51,41 @@ def stage1_examples(block: pa.Table, all_items: bool, max_len: int) -> dict:
             "pos": np.asarray(pos, dtype=np.int64), "hist": np.array(full + [None], dtype=object)[:-1]}
 
 
-def next_title_examples(block: pa.Table, n_items: int, n_negatives: int, seed: int) -> dict:
-    """One example per user from the training part: history -> last training item, 19 seeded negatives."""
+def next_title_examples(block: pa.Table, n_items: int, n_negatives: int, seed: int,
+                        examples_per_user: int = 1) -> dict:
+    """Next-title examples from the training part of each sequence, 19 seeded negatives each.
+
+    The first example of a user is the paper's: history -> the last training item. `examples_per_user`
+    k > 1 (a departure from the paper, `stage2.examples_per_user`) adds up to k - 1 earlier ones: targets
+    drawn without replacement from positions 1 .. len - 2 of the training part, each with the items before
+    it as history and its own negatives and candidate order. Every draw is seeded by (seed, user), so the
+    first example is the same for every k and the set is the same in every run and epoch. A user with
+    fewer earlier positions than k - 1 gives what it has. Rows come out grouped by user, targets in order."""
+    if examples_per_user < 1:
+        raise ValueError(f"examples_per_user must be >= 1, got {examples_per_user}")
     users, hists, cands, targets = [], [], [], []
     for u, s in zip(block["user"].to_pylist(), block["seq"].to_pylist()):
         train = s[:-2]
         if len(train) < 2:
             continue
         rng = np.random.default_rng([seed, int(u), STREAM_STAGE2])
-        neg = sample_negatives(rng, n_items, np.asarray(s), n_negatives)
-        c = [train[-1], *neg.tolist()]
-        rng.shuffle(c)
-        users.append(u)
-        hists.append(np.asarray(train[:-1], dtype=np.int64))
-        cands.append(c)
-        targets.append(train[-1])
+        picks = [len(train) - 1]
+        if examples_per_user > 1 and len(train) > 2:
+            more = np.random.default_rng([seed, int(u), STREAM_STAGE2, 1])  # k > 1 leaves `rng` as for k = 1
+            earlier = more.choice(np.arange(1, len(train) - 1), min(examples_per_user - 1, len(train) - 2),
+                                  replace=False)
+            picks = sorted(int(t) for t in earlier) + picks
+        else:
+            more = rng
+        for t in picks:
+            r = rng if t == len(train) - 1 else more
+            neg = sample_negatives(r, n_items, np.asarray(s), n_negatives)  # never any item of the sequence
+            c = [train[t], *neg.tolist()]
+            r.shuffle(c)
+            users.append(u)
+            hists.append(np.asarray(train[:t], dtype=np.int64))
+            cands.append(c)
+            targets.append(train[t])
     return {"user": np.asarray(users, dtype=np.int64), "hist": np.array(hists + [None], dtype=object)[:-1],
             "cands": np.asarray(cands, dtype=np.int64).reshape(len(users), n_negatives + 1),
             "target": np.asarray(targets, dtype=np.int64)}

@@ -1,0 +1,51 @@
+"""Stage-2's next-title examples (pipelines/rows.py): the paper's one per user, and several per user."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipelines.rows import next_title_examples
+
+
+def _block(n_users: int = 40, n_items: int = 200, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    seqs = [rng.choice(np.arange(1, n_items + 1), int(rng.integers(3, 14)), replace=False).tolist()
+            for _ in range(n_users)]
+    return pa.table({"user": np.arange(n_users, dtype=np.int64), "seq": seqs})
+
+
+def _rows(ex: dict) -> list[tuple]:
+    return [(int(u), tuple(h.tolist()), tuple(c.tolist()), int(t))
+            for u, h, c, t in zip(ex["user"], ex["hist"], ex["cands"], ex["target"])]
+
+
+def test_one_example_per_user_is_history_to_last_training_item():
+    block = _block()
+    ex = next_title_examples(block, 200, 19, seed=7)
+    seqs = dict(zip(block["user"].to_pylist(), block["seq"].to_pylist()))
+    assert len(ex["user"]) == sum(len(s) - 2 >= 2 for s in seqs.values())
+    for u, h, c, t in _rows(ex):
+        train = seqs[u][:-2]
+        assert t == train[-1] and list(h) == train[:-1] and t in c and len(set(c)) == 20
+        assert not (set(c) - {t}) & set(seqs[u])  # negatives avoid the whole sequence (valid/test too)
+
+
+def test_several_examples_per_user_add_earlier_targets_and_keep_the_first():
+    block = _block()
+    seqs = dict(zip(block["user"].to_pylist(), block["seq"].to_pylist()))
+    one = {r[0]: r for r in _rows(next_title_examples(block, 200, 19, seed=7))}
+    k3 = _rows(next_title_examples(block, 200, 19, seed=7, examples_per_user=3))
+    assert k3 == _rows(next_title_examples(block, 200, 19, seed=7, examples_per_user=3))  # seeded
+    assert k3 != _rows(next_title_examples(block, 200, 19, seed=8, examples_per_user=3))
+    for u in one:
+        mine = [r for r in k3 if r[0] == u]
+        train = seqs[u][:-2]
+        assert len(mine) == min(3, len(train) - 1)  # capped by the earlier positions the user has
+        assert mine[-1] == one[u]  # the paper's example, unchanged, comes last
+        pos = [train.index(r[3]) for r in mine]
+        assert pos == sorted(set(pos)) and pos[0] >= 1  # distinct targets in sequence order, never position 0
+        for (_, h, c, t), p in zip(mine, pos):
+            assert list(h) == train[:p] and t in c and not (set(c) - {t}) & set(seqs[u])
+    with pytest.raises(ValueError, match="examples_per_user"):
+        next_title_examples(block, 200, 19, seed=7, examples_per_user=0)
