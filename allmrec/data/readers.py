@@ -2,7 +2,11 @@
 
 Pure Python (no Ray): the `prepare` pipeline calls these on batches of raw lines (line formats)
 or on the text of a whole small file (seq_json). Parsers are total: bad data never raises, it
-becomes a row with `error` set (and empty ids) so the pipeline can count drops by reason.
+becomes a row with `error` set (and empty ids) so the pipeline can count drops by reason. Every
+input line gives at least one row (a blank one an "empty_line" row) and column `src` says which
+line each row came from, so every line of a file is accounted for (`FileReport`). `check_file`
+refuses an unusable file (empty, another compression, broken gzip, not the named format) with one
+line naming it, before the parallel read.
 
 Interaction columns: user:str, item:str, rating:float (NaN when the format has none),
 ts:float (unix seconds; position 0,1,2.. in the user's sequence for sequence formats), error.
@@ -27,7 +31,8 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
@@ -57,7 +62,8 @@ _RECBOLE_HINT = "pip install --no-deps recbole==1.2.1"
 class InputFiles:
     interactions: list[str]  # absolute paths
     meta: list[str]  # absolute paths; may be empty (no item text: prompts fall back to "Item <id>")
-    line_based: bool  # True: one record per line (read with read_text); False: whole-file JSON
+    line_based: bool  # True: one record per line; False: whole-file JSON
+    notes: list[str] = field(default_factory=list, compare=False)  # files looked at and ignored, and why
 
 
 def resolve_inputs(fmt: str, path: str, category: str = "") -> InputFiles:
@@ -165,6 +171,7 @@ def _split_ext(name: str, exts: tuple[str, ...]) -> str | None:
 
 def _resolve_amazon(fmt: str, p: Path, category: str) -> InputFiles:
     exts, templates = _AMAZON[fmt]
+    notes: list[str] = []
     shown = " or ".join(t.format(c="<Cat>") + exts[0] + "(.gz)" for t in templates)
     if p.is_file():
         stem = _split_ext(p.name, exts)
@@ -176,13 +183,22 @@ def _resolve_amazon(fmt: str, p: Path, category: str) -> InputFiles:
     else:
         folder = p
         if not category:
+            # a category is a file named like a reviews dump: reviews_<Cat>*, <Cat>_5 by the name alone
+            # (a broken one then fails its check with a precise error), a bare <Cat>.json only when its
+            # first records are reviews: an unrelated config.json next to the dumps is ignored, with a note
             cats = set()
-            for f in folder.iterdir():
+            for f in sorted(folder.iterdir()):
                 stem = _split_ext(f.name, exts)
                 if stem is not None and f.is_file() and not stem.startswith("meta_"):
-                    cats.add(_amazon_category(stem))
+                    named = stem.startswith("reviews_") or stem.endswith("_5")
+                    why = "" if named else _not_a_review_dump(fmt, f)
+                    if why:
+                        notes.append(f"ignored {f.name}: {why}")
+                    else:
+                        cats.add(_amazon_category(stem))
             if not cats:
-                raise FileNotFoundError(f"{fmt}: expected {shown} in {folder}")
+                seen = f" (ignored: {'; '.join(n[len('ignored '):] for n in notes)})" if notes else ""
+                raise FileNotFoundError(f"{fmt}: expected {shown} in {folder}{seen}")
             if len(cats) > 1:
                 raise ValueError(f"{fmt}: several categories in {folder} ({sorted(cats)}); set data.category")
             category = cats.pop()
@@ -196,7 +212,24 @@ def _resolve_amazon(fmt: str, p: Path, category: str) -> InputFiles:
     meta = next((m for m in metas if m.is_file()), None)
     if meta is None:
         raise FileNotFoundError(f"{fmt}: expected metadata meta_{category}{exts[0]}(.gz) in {folder}")
-    return InputFiles([str(reviews)], [str(meta)], True)
+    return InputFiles([str(reviews)], [str(meta)], True, notes)
+
+
+def _not_a_review_dump(fmt: str, path: Path, n_lines: int = 20) -> str:
+    """Why `path` is not an Amazon reviews dump of `fmt` ("" when one of its first records is a review)."""
+    user, items = ("user_id", ("parent_asin", "asin")) if fmt == "amazon2023" else ("reviewerID", ("asin",))
+    try:
+        with open_text(path) as f:
+            head = [ln for ln in (f.readline() for _ in range(n_lines)) if ln.strip()]
+    except (OSError, EOFError, zlib.error) as e:
+        return f"unreadable ({_short(e)})"
+    for line in head:
+        rec = _load_record(line)
+        if rec is not None and user in rec and any(k in rec for k in items):
+            return ""
+    if not head:
+        return "empty"
+    return f"no {user} + {'/'.join(items)} record in its first {len(head)} lines"
 
 
 def _check_format(fmt: str) -> None:
@@ -212,9 +245,11 @@ def open_text(path: str | Path) -> io.TextIOBase:
     """Open a text file, gunzipping when it is gzip (by its magic bytes, not its name)."""
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
+    # newline="\n": lines end at "\n" only, as in prepare's parallel reader (a lone "\r" or U+2028 is
+    # legal inside a JSON string and must not split a record)
     if gz:
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline="\n")
+    return open(path, encoding="utf-8", errors="replace", newline="\n")
 
 
 def read_recbole_header(path: str | Path) -> list[str]:
@@ -336,6 +371,8 @@ class _Inter:
         self.rating: list[float] = []
         self.ts: list[float] = []
         self.error: list[str | None] = []
+        self.src: list[int] = []
+        self.i = 0  # the input line (or record) being parsed: every row it gives carries it in `src`
 
     def add(self, user: str, item: str, rating: float, ts: float) -> None:
         self.user.append(user)
@@ -343,6 +380,7 @@ class _Inter:
         self.rating.append(rating)
         self.ts.append(ts)
         self.error.append(None)
+        self.src.append(self.i)
 
     def bad(self, reason: str) -> None:
         self.user.append("")
@@ -350,6 +388,7 @@ class _Inter:
         self.rating.append(NAN)
         self.ts.append(NAN)
         self.error.append(reason)
+        self.src.append(self.i)
 
     def sequence(self, user: str, items: list[str], positions: list[float] | None = None) -> None:
         n = len(items)
@@ -358,28 +397,32 @@ class _Inter:
         self.rating.extend([NAN] * n)
         self.ts.extend(positions if positions is not None else [float(i) for i in range(n)])
         self.error.extend([None] * n)
+        self.src.extend([self.i] * n)
 
     def columns(self) -> dict[str, list]:
-        return {"user": self.user, "item": self.item, "rating": self.rating, "ts": self.ts, "error": self.error}
+        return {"user": self.user, "item": self.item, "rating": self.rating, "ts": self.ts, "error": self.error,
+                "src": self.src}
 
 
 def parse_interaction_lines(fmt: str, lines: list[str], header: list[str] | None = None) -> dict[str, list]:
     """Parse a batch of raw lines of an interaction file into INTER_COLUMNS.
 
-    Every non-blank line gives at least one row (a sequence line one row per item); a bad line
-    gives one row with `error` set. `header` (RecBole only) comes from `read_recbole_header`; a
-    header line inside the batch is skipped (and, without `header`, used for the lines after it).
+    Every line gives at least one row (a sequence line one row per item); a bad line gives one
+    row with `error` set, a blank line one with "empty_line". Column `src` holds each row's line
+    index in `lines` (see `line_report`). `header` (RecBole only) comes from `read_recbole_header`;
+    a header line inside the batch gives a "header" row (and, without `header`, sets the layout
+    of the lines after it).
     """
     _check_format(fmt)
     out = _Inter()
     if fmt == "recbole":
         _recbole_inter(lines, header, out)
     elif fmt == "seq_txt":
-        for line in lines:
+        for out.i, line in enumerate(lines):
             parts = line.split()
             if not parts:
-                continue
-            if len(parts) < 2:
+                out.bad("empty_line")
+            elif len(parts) < 2:
                 out.bad("empty_sequence")
             else:
                 out.sequence(parts[0], parts[1:])
@@ -396,14 +439,16 @@ def _recbole_inter(lines: list[str], header: list[str] | None, out: _Inter) -> N
         return len(h), idx["user_id"], idx["item_id"], idx.get("rating", -1), idx.get("timestamp", -1)
 
     n, ui, ii, ri, ti = layout(header or RECBOLE_INTER_HEADER)
-    for line in lines:
+    for out.i, line in enumerate(lines):
         line = line.rstrip("\r\n")
         if not line.strip():
+            out.bad("empty_line")
             continue
         f = line.split("\t")
         if ":" in f[0] and _is_recbole_header(f):
             if header is None:
                 n, ui, ii, ri, ti = layout(f)
+            out.bad("header")
             continue
         if len(f) != n:
             out.bad("bad_columns")
@@ -435,8 +480,9 @@ def _recbole_inter(lines: list[str], header: list[str] | None, out: _Inter) -> N
 def _amazon_inter(is2023: bool, lines: list[str], out: _Inter) -> None:
     # 2014/2018: reviewerID, asin, overall, unixReviewTime (s). 2023: user_id, parent_asin, rating, timestamp (ms).
     k_user, k_rating, k_ts = ("user_id", "rating", "timestamp") if is2023 else ("reviewerID", "overall", "unixReviewTime")
-    for line in lines:
+    for out.i, line in enumerate(lines):
         if not line or line.isspace():
+            out.bad("empty_line")
             continue
         rec = _load_record(line)
         if rec is None:
@@ -475,7 +521,10 @@ def _amazon_inter(is2023: bool, lines: list[str], out: _Inter) -> None:
 
 
 def parse_seq_json(text: str | bytes) -> dict[str, list]:
-    """Parse a whole `{user: [item, ...]}` file (amazon-scientific) into INTER_COLUMNS; ts = position."""
+    """Parse a whole `{user: [item, ...]}` file (amazon-scientific) into INTER_COLUMNS; ts = position.
+
+    The unit is the record (one user): `src` is its position in the file. A record with some
+    unusable items keeps the others; its "missing_item" rows follow its kept rows."""
     out = _Inter()
     try:
         obj = json.loads(text)
@@ -484,7 +533,7 @@ def parse_seq_json(text: str | bytes) -> dict[str, list]:
     if not isinstance(obj, dict):
         out.bad("bad_json")
         return out.columns()
-    for u, seq in obj.items():
+    for out.i, (u, seq) in enumerate(obj.items()):
         user = _id(u)
         if user is None:
             out.bad("missing_user")
@@ -495,11 +544,11 @@ def parse_seq_json(text: str | bytes) -> dict[str, list]:
         else:
             items = [_id(x) for x in seq]
             if None in items:  # keep the good items at their original positions
-                for _ in range(items.count(None)):
-                    out.bad("missing_item")
                 keep = [(it, float(i)) for i, it in enumerate(items) if it is not None]
                 if keep:
                     out.sequence(user, [k[0] for k in keep], [k[1] for k in keep])
+                for _ in range(items.count(None)):
+                    out.bad("missing_item")
             else:
                 out.sequence(user, items)
     return out.columns()
@@ -511,7 +560,8 @@ def parse_seq_json(text: str | bytes) -> dict[str, list]:
 
 class _Meta:
     def __init__(self) -> None:
-        self.cols: dict[str, list] = {c: [] for c in META_COLUMNS}
+        self.cols: dict[str, list] = {c: [] for c in META_COLUMNS + ("src",)}
+        self.i = 0  # see _Inter
 
     def add(self, item: str, title: str, description: str, categories: str) -> None:
         c = self.cols
@@ -520,12 +570,14 @@ class _Meta:
         c["description"].append(description)
         c["categories"].append(categories)
         c["error"].append(None)
+        c["src"].append(self.i)
 
     def bad(self, reason: str) -> None:
         c = self.cols
         for k in ("item", "title", "description", "categories"):
             c[k].append("")
         c["error"].append(reason)
+        c["src"].append(self.i)
 
 
 def parse_meta_lines(fmt: str, lines: list[str], header: list[str] | None = None) -> dict[str, list]:
@@ -535,16 +587,19 @@ def parse_meta_lines(fmt: str, lines: list[str], header: list[str] | None = None
     if fmt == "recbole":
         _recbole_meta(lines, header, out)
     elif fmt == "seq_txt":
-        for line in lines:
+        for out.i, line in enumerate(lines):
             parts = line.split(None, 1)
             if parts:
                 out.add(parts[0], clean_text(parts[1]) if len(parts) > 1 else "", "", "")
+            else:
+                out.bad("empty_line")
     elif fmt == "seq_json":
         raise ValueError("seq_json is a whole-file JSON format: use parse_seq_json_items(text)")
     else:
         is2023 = fmt == "amazon2023"
-        for line in lines:
+        for out.i, line in enumerate(lines):
             if not line or line.isspace():
+                out.bad("empty_line")
                 continue
             rec = _load_record(line)
             if rec is None:
@@ -583,14 +638,16 @@ def _recbole_meta(lines: list[str], header: list[str] | None, out: _Meta) -> Non
                 first("class", "genre", "genres", "categories", "category"), first("brand"))
 
     n, ii, ti, yi, di, ci, bi = layout(header or RECBOLE_ITEM_HEADER)
-    for line in lines:
+    for out.i, line in enumerate(lines):
         line = line.rstrip("\r\n")
         if not line.strip():
+            out.bad("empty_line")
             continue
         f = line.split("\t")
         if ":" in f[0] and _is_recbole_header(f):
             if header is None:
                 n, ii, ti, yi, di, ci, bi = layout(f)
+            out.bad("header")
             continue
         if len(f) != n:
             out.bad("bad_columns")
@@ -624,7 +681,7 @@ def parse_seq_json_items(text: str | bytes) -> dict[str, list]:
     if not isinstance(obj, dict):
         out.bad("bad_json")
         return out.cols
-    for k, rec in obj.items():
+    for out.i, (k, rec) in enumerate(obj.items()):
         item = _id(k)
         if item is None:
             out.bad("missing_item")
@@ -637,6 +694,164 @@ def parse_seq_json_items(text: str | bytes) -> dict[str, list]:
         out.add(item, clean_text(_text(rec.get("title"))), clean_text(_text(rec.get("description"))),
                 _join_categories(names + [_text(rec.get("brand"))]))
     return out.cols
+
+
+# ---------------------------------------------------------------------------------------------
+# Accounting for every input line
+
+
+def first_rows(src: list[int]) -> list[bool]:
+    """True for the first row of each input line (rows of one line are adjacent in parser output)."""
+    return [i == 0 or src[i] != src[i - 1] for i in range(len(src))]
+
+
+@dataclass
+class FileReport:
+    """What became of every line (record, for whole-file JSON) of one input file.
+
+    `lines` = `kept` + sum(`dropped`): a kept line gave at least one usable row, a dropped one
+    none, for the reason it is filed under ("empty_line", "bad_json", "header", ...).
+    `first_line[reason]` is the first line dropped for it. `partial` counts unusable items
+    inside kept records (seq_json sequences with a bad item id), not lines."""
+
+    path: str
+    kind: str  # "interactions" | "metadata"
+    unit: str  # "line" | "record"
+    lines: int = 0
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    first_line: dict[str, int] = field(default_factory=dict)
+    partial: dict[str, int] = field(default_factory=dict)
+
+    def add(self, outcome: str | None, n: int, first: int) -> None:
+        """Account `n` lines with `outcome` (None: kept), the first of them at line `first`."""
+        self.lines += n
+        if outcome is None:
+            self.kept += n
+            return
+        self.dropped[outcome] = self.dropped.get(outcome, 0) + n
+        self.first_line[outcome] = min(self.first_line.get(outcome, first), first)
+
+    def to_dict(self) -> dict:
+        return {"file": self.path, "kind": self.kind, "unit": self.unit, "lines": self.lines, "kept": self.kept,
+                "dropped": dict(sorted(self.dropped.items(), key=lambda kv: -kv[1])),
+                "first_line": self.first_line, **({"partial": self.partial} if self.partial else {})}
+
+
+def line_report(cols: dict[str, list], path: str, kind: str, unit: str = "line") -> FileReport:
+    """The FileReport of parser output holding one whole file, with absolute 1-based `line` numbers."""
+    rep = FileReport(path, kind, unit)
+    for e, ln, first in zip(cols["error"], cols["line"], first_rows(cols["line"])):
+        if first:
+            rep.add(e, 1, ln)
+        elif e is not None:
+            rep.partial[e] = rep.partial.get(e, 0) + 1
+    return rep
+
+
+def format_reports(reports: list[dict]) -> str:
+    """The console table of FileReport dicts: one row per file, its drop reasons indented below."""
+    if not reports:
+        return ""
+    names = [Path(r["file"]).name + f" ({r['kind']})" for r in reports]
+    w = max(28, *(len(n) + 2 for n in names))
+    out = [f"  {'input file':{w}s} {'lines':>11s} {'kept':>11s} {'dropped':>11s}"]
+    for name, r in zip(names, reports):
+        unit = r.get("unit", "line")
+        out.append(f"  {name:{w}s} {r['lines']:>11,} {r['kept']:>11,} {sum(r['dropped'].values()):>11,}"
+                   + ("  (records)" if unit != "line" else ""))
+        for reason, n in r["dropped"].items():
+            out.append(f"  {'  ' + reason:{w}s} {'':>11s} {'':>11s} {n:>11,}  first at {unit} "
+                       f"{r['first_line'][reason]:,}")
+        for reason, n in r.get("partial", {}).items():
+            out.append(f"  {'  ' + reason:{w}s} {'':>11s} {'':>11s} {'(' + format(n, ',') + ')':>11s}  "
+                       "items dropped inside kept records")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a file before the parallel read (one clear error per bad file)
+
+
+class InputError(ValueError):
+    """An input file that cannot be used; the message names the file (and line) in one line."""
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+_OTHER_COMPRESSION = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip",
+                      b"7z\xbc\xaf\x27\x1c": "7z", b"\x04\x22\x4d\x18": "lz4"}
+HEAD_LINES = 200  # lines parsed by check_file
+
+
+def is_gzip(path: str | Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+@dataclass
+class FileCheck:
+    path: str
+    gzip: bool  # by the magic bytes, whatever the name says
+    note: str = ""  # a harmless oddity worth a log line (a plain-text file named .gz)
+
+
+def check_file(fmt: str, path: str, kind: str) -> FileCheck:
+    """Cheap checks of one input file before the parallel read; raises InputError (one line, naming
+    the file and where it applies the line) for a file that cannot be what `fmt` names:
+    empty, another compression, a gzip stream broken within its first lines, or first lines of
+    which none is a usable record. Only the head is read: a stream cut off later, or a file that
+    turns out to hold no usable line, is caught by the full read (prepare's line accounting)."""
+    p = Path(path)
+    name = p.name
+    if p.stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty (0 bytes)")
+    with open(p, "rb") as f:
+        magic = f.read(6)
+    gz = magic[:2] == GZIP_MAGIC
+    for m, what in _OTHER_COMPRESSION.items():
+        if magic.startswith(m):
+            raise InputError(f"{path}: the file is {what}-compressed; {fmt} files are read as plain text or gzip "
+                             f"(recompress it with gzip or decompress it)")
+    note = ""
+    if name.endswith(".gz") and not gz:
+        note = f"{path} is named .gz but is not gzip-compressed: read as plain text"
+    elif gz and not name.endswith(".gz"):
+        note = f"{path} is gzip-compressed without a .gz name: read decompressed"
+    if fmt == "seq_json":  # whole-file JSON: parsed in one piece by the full read
+        return FileCheck(str(path), gz, note)
+    lines, ended = [], False
+    try:
+        with open_text(p) as f:
+            for _ in range(HEAD_LINES):
+                line = f.readline()
+                if not line:
+                    ended = True
+                    break
+                lines.append(line.rstrip("\n"))
+    except (OSError, EOFError, zlib.error) as e:  # a gzip stream that breaks within its first lines
+        raise InputError(f"{path}: unreadable after line {len(lines):,} ({_short(e)}): the gzip stream is "
+                         "truncated or corrupt; download the file again") from None
+    if ended and not any(ln.strip() for ln in lines):
+        raise InputError(f"{path}: the file holds no data ({len(lines):,} blank lines)")
+    header = None
+    if fmt == "recbole":
+        header = read_recbole_header(p)
+    parse = parse_interaction_lines if kind == "interactions" else parse_meta_lines
+    cols = parse(fmt, lines, header)
+    errors = [e for e, first in zip(cols["error"], first_rows(cols["src"])) if first]
+    data = [i for i, e in enumerate(errors) if e not in ("empty_line", "header")]
+    usable = [i for i in data if errors[i] is None]
+    if data and not usable and (ended or len(data) >= HEAD_LINES // 2):
+        i = data[0]
+        scope = f"none of its {len(data):,} non-blank lines" if ended else f"none of its first {len(data):,} lines"
+        raise InputError(f"{path} line {i + 1}: {errors[i]} (starts {lines[i][:60]!r}); {scope} is a usable "
+                         f"{fmt} {'review' if kind == 'interactions' else 'metadata'} record: is data.format "
+                         "right, and is this the right file?")
+    return FileCheck(str(path), gz, note)
+
+
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:160]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -653,39 +868,62 @@ def _concat(parts: list[dict[str, list]], columns: tuple[str, ...]) -> dict[str,
 
 def _read_lines(fmt: str, path: str, parse, batch_lines: int) -> list[dict[str, list]]:
     header = read_recbole_header(path) if fmt == "recbole" else None
-    parts, batch = [], []
+    parts, batch, start = [], [], 1
+
+    def flush() -> None:
+        part = parse(fmt, batch, header)
+        part["line"] = [start + i for i in part.pop("src")]
+        parts.append(part)
+
     with open_text(path) as f:
         for line in f:
             batch.append(line)
             if len(batch) >= batch_lines:
-                parts.append(parse(fmt, batch, header))
+                flush()
+                start += len(batch)
                 batch = []
     if batch:
-        parts.append(parse(fmt, batch, header))
+        flush()
     return parts
 
 
-def read_interactions(fmt: str, files: InputFiles, batch_lines: int = 65536) -> dict[str, list]:
-    """All interaction rows of `files`, parsed in this process (INTER_COLUMNS)."""
+def _whole_file(path: str, parse) -> dict[str, list]:
+    with open_text(path) as f:
+        part = parse(f.read())
+    part["line"] = [i + 1 for i in part.pop("src")]
+    return part
+
+
+def read_interactions(fmt: str, files: InputFiles, batch_lines: int = 65536,
+                      reports: list[FileReport] | None = None) -> dict[str, list]:
+    """All interaction rows of `files`, parsed in this process (INTER_COLUMNS + `line`, the row's
+    1-based line (record) number in its file). `reports` gets one FileReport per file."""
     _check_format(fmt)
     parts = []
     for path in files.interactions:
         if fmt == "seq_json":
-            with open_text(path) as f:
-                parts.append(parse_seq_json(f.read()))
+            new = [_whole_file(path, parse_seq_json)]
         else:
-            parts.extend(_read_lines(fmt, path, parse_interaction_lines, batch_lines))
-    return _concat(parts, INTER_COLUMNS)
+            new = _read_lines(fmt, path, parse_interaction_lines, batch_lines)
+        parts.extend(new)
+        if reports is not None:
+            reports.append(line_report(_concat(new, INTER_COLUMNS + ("line",)), path, "interactions",
+                                       "record" if fmt == "seq_json" else "line"))
+    return _concat(parts, INTER_COLUMNS + ("line",))
 
 
-def read_meta(fmt: str, files: InputFiles, batch_lines: int = 65536) -> dict[str, list]:
-    """All metadata rows of `files`, parsed in this process (META_COLUMNS)."""
+def read_meta(fmt: str, files: InputFiles, batch_lines: int = 65536,
+              reports: list[FileReport] | None = None) -> dict[str, list]:
+    """All metadata rows of `files`, parsed in this process (META_COLUMNS + `line`; see read_interactions)."""
     _check_format(fmt)
     parts = []
     for path in files.meta:
         if fmt == "seq_json":
-            with open_text(path) as f:
-                parts.append(parse_seq_json_items(f.read()))
+            new = [_whole_file(path, parse_seq_json_items)]
         else:
-            parts.extend(_read_lines(fmt, path, parse_meta_lines, batch_lines))
-    return _concat(parts, META_COLUMNS)
+            new = _read_lines(fmt, path, parse_meta_lines, batch_lines)
+        parts.extend(new)
+        if reports is not None:
+            reports.append(line_report(_concat(new, META_COLUMNS + ("line",)), path, "metadata",
+                                       "record" if fmt == "seq_json" else "line"))
+    return _concat(parts, META_COLUMNS + ("line",))
