@@ -10,9 +10,14 @@ from allmrec.config import Config
 log = logging.getLogger("allmrec.serve")
 
 
-def init_ray(cfg: Config):
-    """Attach to cfg.ray.address (or $RAY_ADDRESS), else start a local cluster. The logical CPUs of a
-    local one are oversubscribed (2x cores) as in pipelines/common.py: replicas hold their CPUs for life."""
+def connect_ray(cfg: Config):
+    """Attach to cfg.ray.address (or $RAY_ADDRESS), else start a local cluster sized by cfg.ray.num_cpus.
+
+    Not pipelines.common.init_ray: serve/ never imports pipelines/, and allmrec/ (which both share)
+    never imports Ray, so the service keeps this minimal start of its own. It reads the same config
+    keys and applies the same local default (2 logical CPUs per core: replicas hold their CPUs for
+    life, docs/guide.md `ray.num_cpus`); it needs none of init_ray's Ray Data / Train settings, and no
+    dashboard (Serve does not poll the State API)."""
     import ray
 
     if not ray.is_initialized():
@@ -32,7 +37,7 @@ def start(cfg: Config, blocking: bool = False, variant: str | None = None, tunin
 
     from serve.app import APP_NAME, build_app
 
-    init_ray(cfg)
+    connect_ray(cfg)
     app = build_app(cfg, variant, tuning)  # validates the config before anything starts
     host, port = cfg.serve.host, cfg.serve.port
     serve.start(http_options={"host": host, "port": port})

@@ -20,7 +20,8 @@ TESTS = Path(__file__).resolve().parents[1]
 
 # The test app: small queues so that a burst of requests overloads it.
 TUNING = {"max_batch_size": 4, "batch_wait_s": 0.05, "llm_max_ongoing": 4, "llm_max_queued": 2,
-          "ingress_max_ongoing": 16, "ingress_max_queued": 16, "llm_num_cpus": 0.5}
+          "ingress_max_ongoing": 16, "ingress_max_queued": 16, "llm_num_cpus": 0.5, "body_timeout_s": 3.0,
+          "llm_memory_gib": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_new_item_by_text_is_ranked(service):
 
     from allmrec.align.sbert import encode_texts, load_sbert
     from allmrec.align.stage1 import Stage1Aligner
-    from allmrec.artifacts import load_joint_embeddings, user_reps
+    from allmrec.artifacts import RunFolder, load_joint_embeddings, user_reps
     from allmrec.data.text import item_text
     from allmrec.recommender import Example, LLMRecommender, candidate_order
 
@@ -124,7 +125,7 @@ def test_new_item_by_text_is_ranked(service):
     # offline: a second recommender whose catalogue has the new item as one more row
     aligner = Stage1Aligner(16, 384, 16)
     aligner.load_state_dict({k[len("aligner."):]: v for k, v in
-                             load_file(str(Path(cfg.run_dir) / "stage1" / "export.safetensors")).items()})
+                             load_file(str(RunFolder(cfg).stage1_export_path)).items()})
     Q = encode_texts(load_sbert(cfg.encode.model), [item_text(new["title"], "A bright camping lamp.")])
     with torch.no_grad():
         q = aligner.text_enc(torch.from_numpy(Q)).numpy()
@@ -218,18 +219,44 @@ def test_bad_inputs_get_clear_4xx(service):
     assert r.status_code == 422
     r = c.post("/v1/recommend", content=b'{"history": [' + b"1, " * 40000 + b"1]}",
                headers={"content-type": "application/json"})
-    assert r.status_code == 413
+    assert r.status_code == 413 and r.headers["content-type"] == "application/json" and r.json()["detail"]
     r400 = c.post("/v1/recommend", content=b"\xbfH", headers={"content-type": "application/json"})  # not UTF-8
     assert r400.status_code == 400 and r400.json()["detail"]
-    # every status a client mistake gets is in the OpenAPI schema, in the content type it comes in (found by
-    # bench/serve_fuzz.py: 400 was undocumented and 413, plain text from Starlette, was documented as JSON)
+    # issue 19 through the Ray proxy: non-finite numbers, a lone surrogate, a 1 MB header -> short JSON 4xx
+    for raw in (b'{"user_id": 7, "k": NaN}', b'{"user_id": 1e400}',
+                b'{"history": [1], "new_items": [{"id": "a", "title": "\\ud800"}]}'):
+        r = c.post("/v1/recommend", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and len(r.content) < 2000 and r.content.isascii(), (raw, r.status_code, r.text)
+    r = c.post("/v1/recommend", json={"history": [1]}, headers={"x-big": "a" * 1_000_000})
+    assert r.status_code == 431 and r.json()["detail"]
+    # every status a client mistake gets is in the OpenAPI schema, always as JSON (found by bench/serve_fuzz.py:
+    # 400 was undocumented and 413 was plain text from Starlette or JSON, depending on chunking)
     documented = c.get("/openapi.json").json()["paths"]["/v1/recommend"]["post"]["responses"]
-    for status in {s for _, s in BAD} | {400, 413}:
-        assert str(status) in documented, status
-    assert r.headers["content-type"].startswith("text/plain") and list(documented["413"]["content"]) == ["text/plain"]
-    assert list(documented["400"]["content"]) == ["application/json"]
+    for status in {s for _, s in BAD} | {400, 408, 413, 431, 503}:
+        assert list(documented[str(status)]["content"]) == ["application/json"], status
     assert c.get("/v1/recommend").status_code == 405
     assert c.get("/v1/nothing").status_code == 404
+
+
+def test_a_short_body_gets_408_through_the_proxy(service):
+    """A body shorter than its Content-Length does not hang: 408 (JSON) after Tuning.body_timeout_s."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    u = urlparse(service["url"])
+    with socket.create_connection((u.hostname, u.port), timeout=60) as s:
+        s.sendall(b"POST /v1/recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"history\": [1")
+        t0, data = time.monotonic(), b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    head = data.split(b"\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 408"), data[:300]
+    assert b"did not arrive within 3 s" in data and time.monotonic() - t0 < 30
 
 
 def test_batching_and_overload(service):

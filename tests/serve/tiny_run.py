@@ -50,8 +50,9 @@ def build_run(root: Path, *overrides: str):
 
     from allmrec.align.sbert import TextEncoder, load_sbert
     from allmrec.align.stage1 import Stage1Aligner, joint_embeddings, text_joint_embeddings
+    from allmrec.artifacts import RunFolder
     from allmrec.cf import build_cf_model
-    from allmrec.data.load import Prepared
+    from allmrec.io import write_json_atomic
     from allmrec.recommender import build_projector
     from pipelines.prepare import prepare
 
@@ -63,11 +64,12 @@ def build_run(root: Path, *overrides: str):
         "score.pool_size=6", "serve.min_replicas=1", "serve.max_replicas=1", f"serve.port={_free_port()}",
         "torch_threads=1", *overrides])
     prepare(cfg)
-    run = Path(cfg.run_dir)
-    prep = Prepared(run / "data")
+    run = RunFolder(cfg)
+    prep = run.prepared()
     torch.manual_seed(cfg.seed)
     cf = build_cf_model("sasrec", prep.n_items, prep.n_train_users, {"hidden": 16, "max_len": 12}).eval()
-    cf.save(run / "cf")
+    cf.save(run.cf_dir("sasrec"))
+    write_json_atomic(run.cf_dir("sasrec") / "manifest.json", {"job": "train-cf", "model": "sasrec", "fingerprint": "tiny"})
 
     # Stage-1: frozen MiniLM + an untrained aligner; q computed as stage1's JointEmbedder does
     te = TextEncoder(load_sbert(cfg.encode.model), trainable_layers=0)
@@ -79,15 +81,18 @@ def build_run(root: Path, *overrides: str):
     with torch.no_grad():
         e = joint_embeddings(aligner, cf.item_embeddings()).numpy()
         q = text_joint_embeddings(aligner, torch.from_numpy(te.encode_all())).numpy()
-    (run / "stage1").mkdir()
-    save_file({f"aligner.{k}": v.contiguous() for k, v in aligner.state_dict().items()},
-              str(run / "stage1" / "export.safetensors"))
+    run.stage1.mkdir()
+    save_file({f"aligner.{k}": v.contiguous() for k, v in aligner.state_dict().items()}, str(run.stage1_export_path))
     pq.write_table(pa.table({"item": np.arange(prep.n_items + 1, dtype=np.int64), "e": list(e), "q": list(q)}),
-                   run / "stage1" / "joint_emb.parquet")
+                   run.joint_emb_path)
+    write_json_atomic(run.stage1 / "manifest.json", {"job": "stage1", "fingerprint": "tiny",
+                                                     "cf_weights": run.cf_identity()})
 
     _tiny_llm(root / "llm", [str(t) for t in prep.items["title"]])
     torch.manual_seed(1)
     proj = build_projector("joint", True, 16, 16, 32)
-    (run / "stage2").mkdir()
-    save_file({k: v.contiguous() for k, v in proj.state_dict().items()}, str(run / "stage2" / "projector.safetensors"))
+    run.stage2().mkdir()
+    save_file({k: v.contiguous() for k, v in proj.state_dict().items()}, str(run.projector_path()))
+    write_json_atomic(run.stage2() / "manifest.json", {"job": "stage2", "fingerprint": "tiny",
+                                                       "cf_weights": run.cf_identity()})
     return cfg
