@@ -113,6 +113,8 @@ class DataConfig:
     cold_users: str = F("auto", choices=("auto", "exact3", "holdout", "none"))
     cold_user_fraction: float = F(0.10, ge=0, lt=1)
     fewshot_k: list[int] = F(factory=lambda: [128, 256], ge=1)
+    # prepare refuses when more than this share of items has no title from the metadata (1: accept all)
+    max_missing_title_fraction: float = F(0.05, ge=0, le=1)
     domain: DomainConfig = field(default_factory=DomainConfig)
 
 

@@ -24,44 +24,184 @@ from allmrec.data.sampling import STREAM_FEWSHOT, stable_hash
 from allmrec.data.sequences import (build_user_outputs, drop_items, group_user_sequences, holdout_mask,
                                     item_counts, popularity_groups, to_int_ids)
 from allmrec.io import Timer, atomic_dir, file_digest, fingerprint, is_complete, read_manifest
-from pipelines.common import init_ray, run_path
+from allmrec.artifacts import RunFolder
+from pipelines.common import init_ray
 
 log = logging.getLogger("allmrec.prepare")
 
 
 # ---------------------------------------------------------------- reading
 
-def _parse_lines_batch(batch: dict, fmt: str, header: list[str] | None, kind: str) -> dict:
-    lines = list(batch["text"])
+_TEXT_COLS = ("user", "item", "title", "description", "categories", "error")
+
+
+def _line_files_datasource(paths: list[str], batch_lines: int = 65536):
+    """A Ray Data datasource of the lines of text files, gzip sniffed by its magic bytes (not its name).
+
+    Rows: text, line (1-based number in its file), path, read_error (null; set on one extra row
+    when the stream breaks, e.g. a truncated gzip: the read task does not fail, so the driver
+    can name the file and line in one sentence instead of a task traceback). Lines end at "\n" only,
+    as in the in-process reader (readers.open_text). Built lazily: Ray is imported by the caller.
+    """
+    from ray.data.datasource import FileBasedDatasource
+
+    class LineFiles(FileBasedDatasource):
+        def _open_input_source(self, filesystem, path, **open_args):
+            with filesystem.open_input_stream(path, compression=None) as f:  # pyarrow's default: by the name
+                gz = f.read(2) == readers.GZIP_MAGIC
+            # opened here, not by the base class: it would infer the compression from the name again
+            return filesystem.open_input_stream(path, compression="gzip" if gz else None)
+
+        def _read_stream(self, f, path: str):
+            texts: list[str] = []
+            start, rest, error = 1, b"", None
+
+            def block(err=None):
+                n = len(texts) + (err is not None)
+                return pa.table({"text": pa.array(texts + ([""] if err is not None else []), pa.string()),
+                                 "line": pa.array(np.arange(start, start + n, dtype=np.int64)),
+                                 "path": pa.array([path] * n, pa.string()),
+                                 "read_error": pa.array([None] * len(texts) + ([err] if err is not None else []),
+                                                        pa.string())})
+            try:
+                while True:
+                    chunk = f.read(1 << 22)
+                    if not chunk:
+                        break
+                    parts = (rest + chunk).split(b"\n")
+                    rest = parts.pop()
+                    texts.extend(x.decode("utf-8", "replace") for x in parts)
+                    if len(texts) >= batch_lines:
+                        yield block()
+                        start += len(texts)
+                        texts = []
+                if rest:
+                    texts.append(rest.decode("utf-8", "replace"))
+            except Exception as e:  # noqa: BLE001 - any broken stream becomes one row the driver reports
+                error = readers._short(e)  # the cut-off line (`rest`) is not a line: this row stands for it
+            yield block(error)
+
+    return LineFiles(paths)
+
+
+def _parse_lines_batch(batch: pa.Table, fmt: str, header: list[str] | None, kind: str,
+                       file_index: dict[str, int]) -> dict:
+    lines = batch["text"].to_pylist()
+    line_no = batch["line"].to_numpy()
+    read_err = batch["read_error"].to_pylist()
     if kind == "inter":
         out = readers.parse_interaction_lines(fmt, lines, header=header)
     else:
         out = readers.parse_meta_lines(fmt, lines, header=header)
-    return {k: np.asarray(v, dtype=object) if k in ("user", "item", "title", "description", "categories", "error")
-            else np.asarray(v, dtype=np.float64) for k, v in out.items()}
+    src = np.asarray(out.pop("src"), dtype=np.int64)
+    err = out["error"]
+    for i, s in enumerate(src):  # the row standing for a broken stream carries its error
+        if read_err[s] is not None:
+            err[i] = f"unreadable: {read_err[s]}"
+    cols = {k: np.asarray(v, dtype=object) if k in _TEXT_COLS else np.asarray(v, dtype=np.float64)
+            for k, v in out.items()}
+    paths = batch["path"].to_pylist()
+    cols["line"] = line_no[src] if len(src) else np.zeros(0, np.int64)
+    cols["file"] = np.asarray([_file_of(paths[s], file_index) for s in src], dtype=np.int32)
+    cols["first"] = np.asarray(readers.first_rows(src.tolist()), dtype=bool)
+    return cols
 
 
-def _parse_whole_file(batch: dict, kind: str) -> dict:
+def _file_of(path: str, file_index: dict[str, int]) -> int:
+    """The input file index of a path as Ray Data reports it (resolved, maybe with a scheme)."""
+    i = file_index.get(path)
+    if i is None:
+        i = file_index.get(str(Path(path.split("://", 1)[-1]).resolve()), -1)
+    return i
+
+
+def _parse_whole_file(batch: dict, kind: str, file_index: dict[str, int]) -> dict:
     out: dict[str, list] = {}
-    for data in batch["bytes"]:
-        txt = bytes(data).decode("utf-8")
+    for data, path in zip(batch["bytes"], batch["path"]):
+        txt = bytes(data).decode("utf-8", "replace")
         part = readers.parse_seq_json(txt) if kind == "inter" else readers.parse_seq_json_items(txt)
+        src = part.pop("src")
+        part["line"] = [s + 1 for s in src]
+        part["file"] = [_file_of(str(path), file_index)] * len(src)
+        part["first"] = readers.first_rows(src)
         for k, v in part.items():
             out.setdefault(k, []).extend(v)
-    return {k: np.asarray(v, dtype=object) if k in ("user", "item", "title", "description", "categories", "error")
-            else np.asarray(v, dtype=np.float64) for k, v in out.items()}
+    dtypes = {"line": np.int64, "file": np.int32, "first": bool}
+    return {k: np.asarray(v, dtype=object) if k in _TEXT_COLS else np.asarray(v, dtype=dtypes.get(k, np.float64))
+            for k, v in out.items()}
 
 
 def _read(ray, fmt: str, files: list[str], line_based: bool, kind: str):
     if not files:
         return None
+    file_index = {str(Path(f).resolve()): i for i, f in enumerate(files)}
     if line_based:
         header = readers.read_recbole_header(files[0]) if fmt == "recbole" else None
-        ds = ray.data.read_text(files)
-        return ds.map_batches(_parse_lines_batch, fn_kwargs={"fmt": fmt, "header": header, "kind": kind},
-                              batch_format="numpy", batch_size=8192)
-    ds = ray.data.read_binary_files(files)
-    return ds.map_batches(_parse_whole_file, fn_kwargs={"kind": kind}, batch_format="numpy", batch_size=1)
+        ds = ray.data.read_datasource(_line_files_datasource(files))
+        return ds.map_batches(_parse_lines_batch, fn_kwargs={"fmt": fmt, "header": header, "kind": kind,
+                                                             "file_index": file_index},
+                              batch_format="pyarrow", batch_size=8192)
+    ds = ray.data.read_binary_files(files, include_paths=True)
+    return ds.map_batches(_parse_whole_file, fn_kwargs={"kind": kind, "file_index": file_index},
+                          batch_format="numpy", batch_size=1)
+
+
+def _line_accounting(block: pa.Table) -> pa.Table:
+    """Per (file, outcome): lines and the first line number (outcome "" = kept); plus partial drops."""
+    import pyarrow.compute as pc
+    first = block["first"]
+    t = pa.table({"file": block["file"], "outcome": pc.fill_null(block["error"].cast(pa.string()), ""),
+                  "line": block["line"], "partial": pc.invert(first)})
+    # the first row of a line decides its outcome; later rows with an error are partial drops (seq_json)
+    t = t.filter(pc.or_(first, pc.not_equal(t["outcome"], "")))
+    if t.num_rows == 0:
+        return pa.table({"file": pa.array([], pa.int32()), "outcome": pa.array([], pa.string()),
+                         "partial": pa.array([], pa.bool_()), "n": pa.array([], pa.int64()),
+                         "first_line": pa.array([], pa.int64()), "last_line": pa.array([], pa.int64())})
+    g = t.group_by(["file", "outcome", "partial"], use_threads=False).aggregate(
+        [("line", "count"), ("line", "min"), ("line", "max")])
+    return pa.table({"file": g["file"], "outcome": g["outcome"].cast(pa.string()), "partial": g["partial"],
+                     "n": g["line_count"], "first_line": g["line_min"], "last_line": g["line_max"]})
+
+
+def _file_reports(ray, ds, files: list[str], kind: str, unit: str) -> list[readers.FileReport]:
+    """One FileReport per input file from the parsed dataset (see _reports_from)."""
+    parts = ds.map_batches(_line_accounting, batch_format="pyarrow", batch_size=None).to_arrow_refs()
+    return _reports_from(ray.get(parts), files, kind, unit)
+
+
+def _reports_from(tables: list[pa.Table], files: list[str], kind: str, unit: str) -> list[readers.FileReport]:
+    """Sum _line_accounting tables into one FileReport per file; raise InputError for a file whose
+    stream broke or that holds no usable line, RuntimeError if a line went unaccounted."""
+    reports = [readers.FileReport(f, kind, unit) for f in files]
+    last = [0] * len(files)
+    for t in tables:
+        for f, outcome, partial, n, first, end in zip(*(t[c].to_pylist() for c in
+                                                        ("file", "outcome", "partial", "n", "first_line",
+                                                         "last_line"))):
+            if f < 0:
+                raise RuntimeError(f"prepare: rows of an unknown input file (known: {files})")
+            rep = reports[f]
+            last[f] = max(last[f], end)
+            if partial:
+                rep.partial[outcome] = rep.partial.get(outcome, 0) + n
+            else:
+                rep.add(outcome or None, n, first)
+    for rep, end in zip(reports, last):
+        for reason, line in rep.first_line.items():
+            if reason.startswith("unreadable"):
+                raise readers.InputError(f"{rep.path}: {reason[len('unreadable: '):]} at line {line:,} "
+                                         f"(after {line - 1:,} complete lines): the file is truncated or corrupt; "
+                                         "download it again")
+        if rep.lines != end:  # lines are numbered 1..end: every one must have an outcome
+            raise RuntimeError(f"prepare: line accounting of {rep.path} covers {rep.lines:,} of {end:,} lines")
+        if rep.kept == 0:
+            what = "review / interaction" if kind == "interactions" else "metadata"
+            reasons = ", ".join(f"{r} {n:,} (first at {unit} {rep.first_line[r]:,})" for r, n in
+                                sorted(rep.dropped.items(), key=lambda kv: -kv[1]))
+            raise readers.InputError(f"{rep.path}: none of its {rep.lines:,} {unit}s is a usable {what} record "
+                                     f"({reasons or 'no lines'}): is data.format right, and is this the right file?")
+    return reports
 
 
 def _sum_counts(ds, fn, key: str = "item", **kwargs) -> dict:
@@ -112,24 +252,37 @@ def _counts_of_users(block: pa.Table) -> pa.Table:
 def prepare(cfg: Config, force: bool = False) -> Path:
     """Run the preparation job; returns the output folder `<run>/data`."""
     d = cfg.data
-    out_dir = run_path(cfg, "data")
+    out_dir = RunFolder(cfg).data
     timer = Timer()
     inputs = readers.resolve_inputs(d.format, d.path, d.category)
+    for note in inputs.notes:
+        log.info("prepare: %s", note)
     with timer("hash_inputs"):
         digests = [file_digest(p) for p in inputs.interactions + inputs.meta]
-    fp = fingerprint({"inputs": digests, "data": cfg.to_dict()["data"], "seed": cfg.seed, "version": 1})
+    fp = fingerprint({"inputs": digests, "data": cfg.to_dict()["data"], "seed": cfg.seed, "version": 2})
     if not force and is_complete(out_dir, fp):
         log.info("prepare: %s is up to date (same inputs and config); use --force to rebuild", out_dir)
         return out_dir
+    # one clear error per unusable file before Ray starts (the full read catches what the head hides)
+    with timer("check_inputs"):
+        for kind, paths in (("interactions", inputs.interactions), ("metadata", inputs.meta)):
+            for path in paths:
+                note = readers.check_file(d.format, path, kind).note
+                if note:
+                    log.warning("prepare: %s", note)
 
     ray = init_ray(cfg)
     t_start = time.perf_counter()
+    unit = "line" if inputs.line_based else "record"
     with timer("parse"):
         raw = _read(ray, d.format, inputs.interactions, inputs.line_based, "inter").materialize()
+        reports = _file_reports(ray, raw, inputs.interactions, "interactions", unit)
         errors = _sum_counts(raw, _error_counts, key="error")
         n_rows = raw.count()
     kept = raw.map_batches(_valid_rows, fn_kwargs={"threshold": d.rating_threshold}, batch_format="pyarrow")
     n_valid = n_rows - sum(errors.values())
+    if n_valid == 0:  # unreachable after _file_reports (a file without a usable line is an error there)
+        raise readers.InputError(f"no usable interaction in {inputs.interactions}")
 
     with timer("sequences"):
         n_blocks = _num_blocks(n_valid)
@@ -137,7 +290,10 @@ def prepare(cfg: Config, force: bool = False) -> Path:
                     .map_batches(group_user_sequences, batch_size=None, batch_format="pyarrow")
                     .materialize())
         stats = _sum_counts(users_ds, _counts_of_users)
-    n_after_rating = stats["interactions"] + stats["duplicates"]
+    n_after_rating = stats.get("interactions", 0) + stats.get("duplicates", 0)
+    if n_after_rating == 0:
+        raise readers.InputError(f"none of the {n_valid:,} usable interactions of {inputs.interactions} has a rating "
+                                 f"above data.rating_threshold={d.rating_threshold}")
 
     # cold users "exact3": users with exactly 3 interactions are set aside before the k-core so they
     # neither shape it nor appear in any training file.
@@ -214,7 +370,9 @@ def prepare(cfg: Config, force: bool = False) -> Path:
         train_counts = _sum_counts(reg_out, item_counts, column="seq", skip_last=2)
 
     with timer("items"):
-        items_tbl, n_placeholder = _item_table(ray, cfg, inputs, item_vocab, train_counts)
+        items_tbl, coverage, meta_reports = _item_table(ray, cfg, inputs, item_vocab, train_counts, unit)
+    reports += meta_reports
+    _check_coverage(coverage, n_items, inputs.meta, d.max_missing_title_fraction)
 
     with timer("write"), atomic_dir(out_dir) as tmp:
         _write_ray(reg_out.select_columns(["user", "seq"]), tmp / schema.SEQUENCES)
@@ -259,8 +417,12 @@ def prepare(cfg: Config, force: bool = False) -> Path:
                 "cold_user_rule": rule,
                 "warm_items": groups.count("warm"),
                 "cold_items": groups.count("cold"),
-                "items_without_title": n_placeholder,
+                "items_without_title": n_items - coverage["items_with_title"],
             },
+            # every line (record) of every input file: kept, or dropped for a reason (docs/guide.md)
+            "input_lines": [r.to_dict() for r in reports],
+            "text_coverage": coverage,
+            # interaction rows dropped, by reason (a bad line's one row; empty lines included)
             "dropped_rows": errors | ({"rating_filter": int(n_valid - n_after_rating)}
                                       if d.rating_threshold is not None else {}),
             "timings_s": timer.phases | {"total": round(time.perf_counter() - t_start, 3)},
@@ -313,31 +475,50 @@ def _fewshot(users: list[str], ks: list[int], seed: int) -> pa.Table:
     return pa.table({"k": pa.array(rows_k, pa.int32()), "user": pa.array(rows_u, pa.int32())})
 
 
-def _item_table(ray, cfg: Config, inputs, item_vocab: pa.Array, train_counts: dict) -> tuple[pa.Table, int]:
+def _meta_pass(block: pa.Table, vocab: pa.Array) -> pa.Table:
+    """One pass over parsed metadata: the line accounting of the block (rows with `n` set) and the
+    usable records of kept items (rows with `item` set), in one table so the file is read once."""
+    import pyarrow.compute as pc
+    acct = _line_accounting(block)
+    t = block.filter(pc.is_null(block["error"]))
+    t = t.filter(pc.is_in(t["item"], value_set=vocab))
+    items = {c: t[c].cast(pa.string()) for c in ("item", "title", "description", "categories")}
+    n_a, n_i = acct.num_rows, t.num_rows
+    cols = {c: pa.concat_arrays([pa.nulls(n_a, pa.string()), items[c].combine_chunks()]) for c in items}
+    for c, typ in (("file", pa.int32()), ("outcome", pa.string()), ("partial", pa.bool_()), ("n", pa.int64()),
+                   ("first_line", pa.int64()), ("last_line", pa.int64())):
+        cols[c] = pa.concat_arrays([acct[c].combine_chunks().cast(typ), pa.nulls(n_i, typ)])
+    return pa.table(cols)
+
+
+def _item_table(ray, cfg: Config, inputs, item_vocab: pa.Array, train_counts: dict,
+                unit: str) -> tuple[pa.Table, dict, list]:
+    import pyarrow.compute as pc
     d = cfg.data
     meta: dict[str, tuple[str, str, str]] = {}
+    reports: list = []
     if inputs.meta:
         ds = _read(ray, d.format, inputs.meta, inputs.line_based, "meta")
-        vocab = item_vocab
-
-        def keep(block: pa.Table) -> pa.Table:
-            import pyarrow.compute as pc
-            t = block.filter(pc.is_null(block["error"]))
-            return t.filter(pc.is_in(t["item"], value_set=vocab)).select(["item", "title", "description",
-                                                                          "categories"])
-        for t in ray.get(ds.map_batches(keep, batch_format="pyarrow").to_arrow_refs()):
+        parts = ray.get(ds.map_batches(_meta_pass, fn_kwargs={"vocab": item_vocab}, batch_format="pyarrow",
+                                       batch_size=None).to_arrow_refs())
+        reports = _reports_from(
+            [t.filter(pc.is_valid(t["n"])) for t in parts], inputs.meta, "metadata", unit)
+        for t in parts:
+            t = t.filter(pc.is_valid(t["item"]))
             for it, ti, de, ca in zip(*(t[c].to_pylist() for c in ("item", "title", "description", "categories"))):
                 meta.setdefault(it, (ti or "", de or "", ca or ""))
     raw_ids = item_vocab.to_pylist()
     titles, texts, cats = [], [], []
-    n_placeholder = 0
+    n_title = n_desc = n_meta = 0
     for rid in raw_ids:
         ti, de, ca = meta.get(rid, ("", "", ""))
+        n_meta += rid in meta
         ti = text.clean_text(ti, d.max_title_chars)
-        if not ti:
-            n_placeholder += 1
+        de = text.clean_text(de)
+        n_title += bool(ti)
+        n_desc += bool(de)
         titles.append(text.prompt_title(ti, rid, d.max_title_chars))
-        texts.append(text.item_text(titles[-1], text.clean_text(de), d.max_text_chars))
+        texts.append(text.item_text(titles[-1], de, d.max_text_chars))
         cats.append(ca)
     counts = np.array([train_counts.get(i + 1, 0) for i in range(len(raw_ids))], dtype=np.int64)
     groups = popularity_groups(counts, d.warm_fraction, d.cold_fraction)
@@ -350,19 +531,45 @@ def _item_table(ray, cfg: Config, inputs, item_vocab: pa.Array, train_counts: di
         "n_train": pa.array(counts.astype(np.int32)),
         "group": pa.array(groups.tolist(), pa.string()),
     })
-    return tbl, n_placeholder
+    coverage = {"items": len(raw_ids), "items_in_metadata": n_meta, "items_with_title": n_title,
+                "items_with_description": n_desc}
+    return tbl, coverage, reports
+
+
+def _check_coverage(cov: dict, n_items: int, meta_files: list[str], max_missing: float) -> None:
+    """Refuse to prepare items most of which would be shown to the LLM as "Item <id>" placeholders."""
+    missing = n_items - cov["items_with_title"]
+    share = missing / max(n_items, 1)
+    if share <= max_missing:
+        return
+    where = ", ".join(Path(f).name for f in meta_files) if meta_files else "no metadata file"
+    raise readers.InputError(
+        f"{missing:,} of {n_items:,} items ({share:.1%}) have no title in {where} "
+        f"({cov['items_in_metadata']:,} found in it at all), above data.max_missing_title_fraction={max_missing:g}: "
+        "is it the metadata of these reviews? An LLM shown placeholder titles learns nothing; set "
+        "data.max_missing_title_fraction=1 to prepare anyway")
 
 
 def summary(out_dir: Path) -> str:
     m = read_manifest(out_dir) or {}
     c = m.get("counts", {})
-    dropped = m.get("dropped_rows", {})
-    return (f"prepared {out_dir}\n"
-            f"  users {c.get('users'):,} (+{c.get('cold_users'):,} cold users, rule {c.get('cold_user_rule')}) | "
-            f"items {c.get('items'):,} | interactions {c.get('interactions'):,}\n"
-            f"  {c.get('k_core')}-core before holdout: {c.get('k_core_users'):,} users / {c.get('items'):,} items / "
-            f"{c.get('k_core_interactions'):,} interactions ({c.get('k_core_iterations')} iterations)\n"
-            f"  warm items {c.get('warm_items'):,} | cold items {c.get('cold_items'):,} | "
-            f"items without title {c.get('items_without_title'):,}\n"
-            f"  dropped rows: {dropped or 'none'} | duplicates removed {c.get('duplicates_removed'):,} | "
-            f"{m.get('timings_s', {}).get('total')} s")
+    dropped = {k: v for k, v in m.get("dropped_rows", {}).items() if k == "rating_filter"}
+    cov = m.get("text_coverage", {})
+    n = max(cov.get("items", 0), 1)
+    lines = [f"prepared {out_dir}",
+             f"  users {c.get('users'):,} (+{c.get('cold_users'):,} cold users, rule {c.get('cold_user_rule')}) | "
+             f"items {c.get('items'):,} | interactions {c.get('interactions'):,}",
+             f"  {c.get('k_core')}-core before holdout: {c.get('k_core_users'):,} users / {c.get('items'):,} items / "
+             f"{c.get('k_core_interactions'):,} interactions ({c.get('k_core_iterations')} iterations)",
+             f"  warm items {c.get('warm_items'):,} | cold items {c.get('cold_items'):,}",
+             f"  item text from metadata: title {cov.get('items_with_title', 0):,} "
+             f"({cov.get('items_with_title', 0) / n:.1%}), description {cov.get('items_with_description', 0):,} "
+             f"({cov.get('items_with_description', 0) / n:.1%}) of {cov.get('items', 0):,} items; "
+             f"{c.get('items_without_title', 0):,} shown as 'Item <id>'",
+             f"  duplicates removed {c.get('duplicates_removed'):,}"
+             + (f" | below the rating threshold {dropped['rating_filter']:,}" if dropped else "")
+             + f" | {m.get('timings_s', {}).get('total')} s"]
+    table = readers.format_reports(m.get("input_lines", []))
+    if table:
+        lines += ["  every input line, kept or dropped (manifest.json: input_lines):", table]
+    return "\n".join(lines)
