@@ -11,7 +11,8 @@ with an item soft token). Item vectors: the Stage-1 joint embeddings of /tmp/ben
 else seeded random vectors of the same size (speed does not depend on their values).
 
 OURS: `LLMRecommender.batch` + `stage2_loss`: every title cut to `max_title_tokens`=16 tokens, logits
-computed only at the target positions (`logits_to_keep`).
+computed only at the target positions (since 2026-12-06 the hidden states gathered there, then the LM head;
+`logits_to_keep` before, as in the docs/benchmarks.md tables of 2026-11-22).
 BASELINE (the same model, projector, prompt builder and examples): full titles (no cut), the LLM called
 without `logits_to_keep` (logits over the whole prompt, as a plain `model(inputs_embeds=...)` call or HF's
 `labels=` loss does) and the cross-entropy taken on the target positions of those full logits.
@@ -46,13 +47,13 @@ def examples(cfg, prep, n_users: int) -> dict[str, np.ndarray]:
     """Stage-2 training examples of `n_users` seeded users, exactly as the pipeline builds them."""
     import pyarrow as pa
 
-    from pipelines.stage2 import _train_examples
+    from pipelines.rows import next_title_examples
     seqs = prep.sequences
     rng = np.random.default_rng(cfg.seed)
     ok = np.flatnonzero([len(s) >= 4 for s in seqs["seq"]])  # >= 2 training items
     pick = np.sort(rng.choice(ok, n_users, replace=False))
     block = pa.table({"user": seqs["user"].to_numpy()[pick], "seq": [list(map(int, seqs["seq"][i])) for i in pick]})
-    return _train_examples(block, prep.n_items, cfg.data.n_negatives, cfg.seed)
+    return next_title_examples(block, prep.n_items, cfg.data.n_negatives, cfg.seed)
 
 
 def item_vectors(cfg, n_items: int) -> tuple[np.ndarray, str]:
@@ -92,8 +93,11 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     ex = examples(cfg, prep, spec["users"])
     vectors, vec_desc = item_vectors(cfg, prep.n_items)
     t0 = time.perf_counter()
-    llm, tok = load_llm(s2.llm, dtype=getattr(torch, spec.get("dtype", "float32")))
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    llm, tok = load_llm(s2.llm, dtype=dtype)
     load_s = time.perf_counter() - t0
+    if spec.get("attn"):  # "eager" | "sdpa": the attention kernel transformers runs
+        llm.set_attn_implementation(spec["attn"])
     torch.manual_seed(cfg.seed)
     projector = build_projector("joint", True, cf.hidden, vectors.shape[1], llm.config.hidden_size)
     ours = spec["impl"] == "ours"
@@ -104,12 +108,13 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     exs = [Example(reps[j], ex["hist"][j], ex["cands"][j], int(ex["target"][j])) for j in range(len(ex["user"]))]
     opt = torch.optim.Adam(projector.parameters(), lr=s2.lr)
     projector.train()
-    lens, padded = [], []
+    lens, padded, flops = [], [], []
 
     def step(batch_exs) -> float:
         b = rec.batch(batch_exs, with_target=True)
         lens.extend(b["attention_mask"].sum(1).tolist())
         padded.append(int(b["attention_mask"].shape[1]))
+        flops.append(step_flops(llm, b))
         opt.zero_grad(set_to_none=True)
         if ours:
             loss = _ours_loss(rec, b)
@@ -120,6 +125,9 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
         return float(loss.detach())
 
     bs = spec["batch"]
+    if spec.get("bucket"):  # batches of similar prompt lengths (seeded order of the buckets): less padding
+        n_tok = [len(rec.batch([e], with_target=True)["input_ids"][0]) for e in exs]
+        exs = [exs[j] for j in np.argsort(n_tok, kind="stable")]
     batches = [exs[i:i + bs] for i in range(0, len(exs), bs)]
     out: dict[str, Any] = {"cf": cf_desc, "item_vectors": vec_desc, "llm_load_s": round(load_s, 2)}
     if ours:  # both losses on one batch must agree when the titles are the same (same maths, fewer logits)
@@ -131,6 +139,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     out["warmup_s"] = round(time.perf_counter() - t0, 2)
     lens.clear()
     padded.clear()
+    flops.clear()
     times, cpu, losses, n = [], [], [], 0
     for bx in batches:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -147,8 +156,51 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
                 "step_s_median": round(float(np.median(times)), 2),
                 "prompt_tokens_mean": round(float(np.mean(lens)), 1), "prompt_tokens_max": int(np.max(lens)),
                 "padded_len_mean": round(float(np.mean(padded)), 1), "final_loss": round(losses[-1], 4),
-                "max_title_tokens": s2.max_title_tokens if ours else None, "threads": torch.get_num_threads()})
+                "max_title_tokens": s2.max_title_tokens if ours else None, "threads": torch.get_num_threads(),
+                "attn": llm.config._attn_implementation, "dtype": str(dtype).replace("torch.", "")})
+    # the step's floor: its matmul FLOPs (real tokens only) at this process's measured matmul speed
+    gflops = matmul_gflops(dtype, llm.config.hidden_size, llm.config.intermediate_size)
+    step_flops_real = float(np.mean(flops))
+    out.update({"tokens_per_s": round(sum(lens) / loop, 1), "matmul_gflops": round(gflops, 1),
+                "step_gflop": round(step_flops_real / 1e9, 1),
+                "achieved_gflops": round(step_flops_real * len(times) / loop / 1e9, 1),
+                "floor_step_s": round(step_flops_real / (gflops * 1e9), 3),
+                "padding_frac": round(1 - sum(lens) / (sum(padded) * bs), 3)})
+    out["floor_fraction"] = round(out["floor_step_s"] / (loop / len(times)), 3)
     return out
+
+
+def step_flops(llm, b) -> float:
+    """Matmul FLOPs of one Stage-2 step on the real (unpadded) tokens of batch `b`: the frozen LLM's
+    forward, and its backward to the inputs only (no weight gradients: dX of every linear layer costs
+    what its forward costs; attention's backward ~2x its forward), causal attention (half of T^2), the
+    LM head at the target positions only."""
+    import torch
+    H = llm.config.hidden_size
+    layers = llm.get_decoder().layers if hasattr(llm, "get_decoder") else llm.model.layers
+    lin = sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
+    lens = b["attention_mask"].sum(1).double()
+    tok = float(lens.sum())
+    attn_fwd = float((2 * lens ** 2 * H).sum()) * len(layers)  # QK^T + AV, causal half: 2 * L^2/2 * H * 2
+    n_tgt = int((b["labels"] != -100).sum(1).max()) + 1
+    head = 2 * lens.numel() * n_tgt * H * llm.config.vocab_size
+    return 2 * (2 * tok * lin) + 3 * attn_fwd + 2 * head
+
+
+def matmul_gflops(dtype, H: int, inter: int, seconds: float = 1.5) -> float:
+    """GFLOP/s of a (1600 x H) @ (H x inter) matmul in `dtype` on this process's threads (the LLM's MLP shape
+    at a batch of 4 x 400 tokens), best of a few timed runs."""
+    import torch
+    a, w = torch.randn(1600, H, dtype=dtype), torch.randn(H, inter, dtype=dtype)
+    for _ in range(3):
+        a @ w
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ w
+        best = max(best, 5 * 2 * 1600 * H * inter / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def _ours_loss(rec, b):
@@ -164,9 +216,12 @@ def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         for part in ("data", "cf"):
             (run / part).symlink_to(SCI_RUN / part)
+        z = spec.get("zero", 3)
         cfg = sci_config(f"run_dir={run}", f"stage2.num_workers={spec['workers']}", "stage2.epochs=1",
                          f"stage2.max_users={spec['users']}", "stage2.item_tokens=mlp",
-                         f"stage2.llm_dtype={spec.get('dtype', 'float32')}")
+                         f"stage2.llm_dtype={spec.get('dtype', 'float32')}", f"stage2.zero_stage={z}",
+                         f"stage2.deepspeed_config=configs/deepspeed/zero{z}.json",
+                         f"torch_threads={max(1, spec['threads'] // spec['workers'])}")
         t0 = time.perf_counter()
         init_ray(cfg)
         ray_s = time.perf_counter() - t0
@@ -176,6 +231,8 @@ def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
         metrics = json.loads((out_dir / "metrics.json").read_text())
         h = metrics["history"][-1]
         return {"workers": spec["workers"], "users": spec["users"], "users_per_s": h["users_per_s"],
+                "users_per_cpu_s": h.get("users_per_cpu_s"), "cpu_s": h.get("cpu_s"), "zero_stage": z,
+                "threads": max(1, spec["threads"] // spec["workers"]), "steps": h.get("steps"),
                 "epoch_s": h["seconds"], "loss": round(h["loss"], 4), "ray_start_s": round(ray_s, 1),
                 "stage2_call_s": round(wall, 1), "llm_params_full": h.get("llm_params_full"),
                 "llm_params_local_per_rank": h.get("llm_params_local_per_rank"), "item_tokens": "mlp",
@@ -188,17 +245,28 @@ def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
 
 PLANS = {"baseline": {"impl": "baseline"}, "ours": {"impl": "ours"},
          "ours_bf16": {"impl": "ours", "dtype": "bfloat16"},  # CPUs with AMX / AVX512-BF16 (llm_dtype=auto)
-         "ray_1": {"impl": "ray", "workers": 1}, "ray_2": {"impl": "ray", "workers": 2},
-         "ray_1_bf16": {"impl": "ray", "workers": 1, "dtype": "bfloat16"}}
+         "ours_bf16_eager": {"impl": "ours", "dtype": "bfloat16", "attn": "eager"},
+         "ours_bf16_bucket": {"impl": "ours", "dtype": "bfloat16", "bucket": True},
+         "ours_bf16_b8": {"impl": "ours", "dtype": "bfloat16", "batch": 8},
+         "ray_1": {"impl": "ray", "workers": 1, "zero": 0, "dtype": "bfloat16"},
+         "ray_1_z3": {"impl": "ray", "workers": 1, "zero": 3, "dtype": "bfloat16"},
+         "ray_2": {"impl": "ray", "workers": 2, "zero": 0, "dtype": "bfloat16"},
+         "ray_2_z3": {"impl": "ray", "workers": 2, "zero": 3, "dtype": "bfloat16"}}
 
 LABELS = {
     "baseline": "baseline: full titles, logits over the whole prompt",
     "ours": "ours: titles cut to 16 tokens, logits on target positions only",
-    "ours_bf16": "ours, frozen LLM in bf16 (native bf16 CPU)",
-    "ray_1": "Ray Train + DeepSpeed ZeRO-3, 1 worker (2 threads)",
-    "ray_2": "Ray Train + DeepSpeed ZeRO-3, 2 workers (1 thread each)",
-    "ray_1_bf16": "Ray Train + DeepSpeed ZeRO-3, 1 worker, LLM in bf16",
+    "ours_bf16": "in-process loop, LLM in bf16 (the reference of the Ray rows)",
+    "ours_bf16_eager": "in-process, bf16, eager attention (not SDPA)",
+    "ours_bf16_bucket": "in-process, bf16, batches bucketed by prompt length",
+    "ours_bf16_b8": "in-process, bf16, batch 8",
+    "ray_1": "Ray Train + DeepSpeed ZeRO-0, 1 worker, bf16",
+    "ray_1_z3": "Ray Train + DeepSpeed ZeRO-3, 1 worker, bf16",
+    "ray_2": "Ray Train + DeepSpeed ZeRO-0, 2 workers, bf16",
+    "ray_2_z3": "Ray Train + DeepSpeed ZeRO-3, 2 workers, bf16",
 }
+DEFAULT_CONFIGS = ["ours_bf16", "ray_1", "ray_1_z3", "ray_2", "ray_2_z3"]
+STEP_CONFIGS = ["ours_bf16", "ours_bf16_eager", "ours_bf16_bucket", "ours_bf16_b8"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -211,66 +279,84 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ray-users", type=int, default=16, help="stage2.max_users of the Ray Train runs")
     ap.add_argument("--ray", dest="ray", action="store_true", default=None, help="run the Ray Train comparison")
     ap.add_argument("--no-ray", dest="ray", action="store_false")
+    ap.add_argument("--step", action="store_true", help="the step's own variants (attention kernel, bucketing, "
+                                                         "batch 8) instead of the Ray comparison")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="run the plan this many times, every other round reversed")
     ap.add_argument("--time-cap", type=float, default=240.0, help="stop a timed loop after this many seconds")
-    ap.add_argument("--configs", default=None, help="comma-separated subset of baseline,ours,ray_1,ray_2")
+    ap.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(PLANS)}")
     ap.add_argument("--max-load", type=float, default=4.0)
     ap.add_argument("--max-wait", type=float, default=600.0)
     args = ap.parse_args(argv)
     users = args.users or (8 if args.quick else 24)
     with_ray = (not args.quick) if args.ray is None else args.ray
 
-    names = args.configs.split(",") if args.configs else \
-        ["baseline", "ours", "ours_bf16"] + (["ray_1", "ray_2", "ray_1_bf16"] if with_ray else [])
+    if args.configs:
+        names = args.configs.split(",")
+    elif args.step:
+        names = STEP_CONFIGS
+    else:
+        names = ["baseline", "ours", "ours_bf16"] if not with_ray else DEFAULT_CONFIGS
     prep_info = ensure_scientific(train_cf=any(n.startswith("ray") for n in names))  # Ray needs a CF artifact
     budget = {"left": args.max_wait}
     res: dict[str, Any] = {"benchmark": "stage2", "quick": args.quick, "machine": machine(), "prepared": prep_info,
-                           "settings": {"users": users, "batch": 4, "threads": args.threads,
+                           "settings": {"users": users, "batch": 4, "threads": args.threads, "rounds": args.rounds,
                                         "llm": sci_config().stage2.llm,
                                         "dtype": "float32 unless the configuration says bf16", "ray_users": args.ray_users},
                            "reference_context": {"users_per_s": REFERENCE_USERS_PER_S,
-                                                 "prompt_tokens_mean": REFERENCE_PROMPT_TOKENS}, "runs": {}}
-    plan = [(n, PLANS[n]) for n in names]
-    for name, spec in plan:
-        spec = {**spec, "users": args.ray_users if spec["impl"] == "ray" else users, "batch": 4,
-                "threads": args.threads, "time_cap_s": args.time_cap}
-        gate = wait_for_load(args.max_load, budget)
-        print(f"[stage2] {name} (load {gate['load_at_start']})", flush=True)
-        try:
-            r = run_child("bench.stage2", spec, timeout=1200, include_ray=spec["impl"] == "ray")
-        except RuntimeError as e:
-            if spec["impl"] != "ray":
-                raise
-            # a shared machine can run out of memory (Ray's memory monitor kills the worker): record it
-            res.setdefault("failed", {})[name] = str(e)[-1500:]
-            print(f"  failed: {str(e)[:300]}", flush=True)
-            continue
-        r.update(gate)
-        res["runs"][name] = r
-        print(f"  {r['users_per_s']} users/s, peak RSS {r['peak_rss_gib']} GiB", flush=True)
+                                                 "prompt_tokens_mean": REFERENCE_PROMPT_TOKENS}, "runs": {}, "all_runs": []}
+    for rnd in range(args.rounds):
+        for name in (names if rnd % 2 == 0 else names[::-1]):
+            spec = PLANS[name]
+            spec = {"batch": 4, **spec, "users": args.ray_users if spec["impl"] == "ray" else users,
+                    "threads": args.threads, "time_cap_s": args.time_cap}
+            gate = wait_for_load(args.max_load, budget)
+            print(f"[stage2] round {rnd + 1} {name} (load {gate['load_at_start']})", flush=True)
+            try:
+                r = run_child("bench.stage2", spec, timeout=1800, include_ray=spec["impl"] == "ray")
+            except RuntimeError as e:
+                if spec["impl"] != "ray":
+                    raise
+                # a shared machine can run out of memory (Ray's memory monitor kills the worker): record it
+                res.setdefault("failed", {})[f"{name}#{rnd + 1}"] = str(e)[-1500:]
+                print(f"  failed: {str(e)[:300]}", flush=True)
+                continue
+            r.update(gate, round=rnd + 1, config=name)
+            res["all_runs"].append(r)
+            print(f"  {r['users_per_s']} users/s, {r.get('users_per_cpu_s')} users/CPU-s, "
+                  f"peak RSS {r['peak_rss_gib']} GiB", flush=True)
 
+    # per configuration: the mean over its rounds
     runs = res["runs"]
-    base = runs.get("baseline", {})
+    for name in names:
+        rs = [r for r in res["all_runs"] if r["config"] == name]
+        if rs:
+            runs[name] = {**rs[-1], "users_per_s": round(float(np.mean([r["users_per_s"] for r in rs])), 4),
+                          "users_per_cpu_s": round(float(np.mean([r["users_per_cpu_s"] or 0 for r in rs])), 4),
+                          "rounds": len(rs), "load_1m": [r["load_at_start"][0] for r in rs]}
+    base, ref = runs.get("baseline", {}), runs.get("ours_bf16", {})
     rows = []
     for name, r in runs.items():
-        if not name.startswith("ray"):
-            r["speedup_vs_baseline"] = ratio(r["users_per_s"], base.get("users_per_s"))
-            r["cpu_speedup_vs_baseline"] = ratio(r["users_per_cpu_s"], base.get("users_per_cpu_s"))
+        vs = ref if name.startswith("ray") or (name.startswith("ours_bf16") and name != "ours_bf16") else base
+        r["vs"] = "ours_bf16" if vs is ref else "baseline"
+        r["ratio"] = ratio(r["users_per_s"], vs.get("users_per_s"))
+        r["cpu_ratio"] = ratio(r["users_per_cpu_s"], vs.get("users_per_cpu_s"))
         rows.append({"configuration": LABELS[name], "users": r["users"], "users/s": r["users_per_s"],
-                     "x baseline": r.get("speedup_vs_baseline"), "users/CPU-s": r.get("users_per_cpu_s"),
-                     "x baseline (CPU)": r.get("cpu_speedup_vs_baseline"),
-                     "prompt tokens (mean)": r.get("prompt_tokens_mean"), "peak RSS GiB": r["peak_rss_gib"],
-                     "load 1m": r["load_at_start"][0]})
-    if "ray_1" in runs and "ray_2" in runs:
-        res["ray_2_vs_1"] = ratio(runs["ray_2"]["users_per_s"], runs["ray_1"]["users_per_s"])
+                     "x ref": r["ratio"], "users/CPU-s": r.get("users_per_cpu_s"), "x ref (CPU)": r["cpu_ratio"],
+                     "ref": r["vs"], "tokens/s": r.get("tokens_per_s"),
+                     "floor fraction": r.get("floor_fraction"), "peak RSS GiB": r["peak_rss_gib"],
+                     "load 1m": ", ".join(f"{x:.1f}" for x in r["load_1m"])})
+    for w in ("1", "2"):
+        if f"ray_{w}" in runs and f"ray_{w}_z3" in runs:
+            res[f"ray_{w}_zero0_vs_zero3"] = ratio(runs[f"ray_{w}"]["users_per_s"], runs[f"ray_{w}_z3"]["users_per_s"])
     res["machine_end"] = {"loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
-    tbl = table(rows, ["configuration", "users", "users/s", "x baseline", "users/CPU-s", "x baseline (CPU)",
-                       "prompt tokens (mean)", "peak RSS GiB", "load 1m"])
+    tbl = table(rows, ["configuration", "users", "users/s", "x ref", "users/CPU-s", "x ref (CPU)", "ref", "tokens/s",
+                       "floor fraction", "peak RSS GiB", "load 1m"])
     res["table"] = tbl
     print(tbl)
     print(f"(context only: the reference code measured {REFERENCE_USERS_PER_S} users/s, prompts of "
           f"{REFERENCE_PROMPT_TOKENS} tokens on average)")
-    path = write_results("stage2_quick" if args.quick else "stage2", res)
+    path = write_results("stage2_quick" if args.quick else ("stage2_step" if args.step else "stage2"), res)
     print(f"-> {path}")
     return res
 
