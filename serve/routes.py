@@ -16,6 +16,7 @@ from ray.serve.handle import DeploymentHandle
 
 from allmrec.config import Config, config_from_dict
 from allmrec.recommender import candidate_order  # evaluation's order: a served ranking is the offline one
+from serve import metrics
 from serve.deployments import variant_tokens
 from serve.schemas import MAX_NEW_ITEMS, Health, ModelInfo, ModelsResponse, RecommendRequest, RecommendResponse
 from serve.tuning import Tuning
@@ -55,6 +56,7 @@ class RecommendService:
                       n_items=self.catalog["n_items"], max_history=s.max_history, max_candidates=s.max_candidates,
                       variant=self.variant, new_items_supported=self.new_items_supported)
         new = {n.id: n for n in req.new_items}
+        metrics.count_request(self.variant, req.mode, list(new.values()))  # Prometheus (serve/metrics.py)
         pool = 0 if req.candidates is not None else max(0, min(self.cfg.score.pool_size, s.max_candidates - len(new)))
         try:
             cf_out = await self.cf.represent.remote(req.user_id, req.history, pool)
@@ -120,6 +122,7 @@ def build_api(service: RecommendService) -> FastAPI:
     install_error_handlers(api, log)
     api.add_middleware(HttpLimits, max_body_bytes=t.max_body_bytes, max_header_bytes=t.max_header_bytes,
                        max_header_count=t.max_header_count, body_timeout_s=t.body_timeout_s)
+    api.add_middleware(metrics.ClientErrorMetrics)  # added last = outermost: sees every 4xx, HttpLimits' too
     return api
 
 
