@@ -47,10 +47,8 @@ def _line_files_datasource(paths: list[str], batch_lines: int = 65536):
 
     class LineFiles(FileBasedDatasource):
         def _open_input_source(self, filesystem, path, **open_args):
-            with filesystem.open_input_stream(path, compression=None) as f:  # pyarrow's default: by the name
-                gz = f.read(2) == readers.GZIP_MAGIC
-            # opened here, not by the base class: it would infer the compression from the name again
-            return filesystem.open_input_stream(path, compression="gzip" if gz else None)
+            # the raw bytes (pyarrow would pick the codec by the name); _read_stream gunzips by the magic
+            return filesystem.open_input_stream(path, compression=None)
 
         def _read_stream(self, f, path: str):
             texts: list[str] = []
@@ -64,10 +62,9 @@ def _line_files_datasource(paths: list[str], batch_lines: int = 65536):
                                  "read_error": pa.array([None] * len(texts) + ([err] if err is not None else []),
                                                         pa.string())})
             try:
-                while True:
-                    chunk = f.read(1 << 22)
-                    if not chunk:
-                        break
+                # zlib by hand, not a gzip stream: what was decompressed before a truncation or a corrupt
+                # byte still arrives, so the error row gets the right line number
+                for chunk in _decompressed(f):
                     parts = (rest + chunk).split(b"\n")
                     rest = parts.pop()
                     texts.extend(x.decode("utf-8", "replace") for x in parts)
@@ -78,10 +75,36 @@ def _line_files_datasource(paths: list[str], batch_lines: int = 65536):
                 if rest:
                     texts.append(rest.decode("utf-8", "replace"))
             except Exception as e:  # noqa: BLE001 - any broken stream becomes one row the driver reports
-                error = readers._short(e)  # the cut-off line (`rest`) is not a line: this row stands for it
+                error = readers.short_error(e)  # the cut-off line (`rest`) is not a line: this row stands for it
             yield block(error)
 
     return LineFiles(paths)
+
+
+def _decompressed(f, chunk: int = 1 << 22):
+    """The bytes of file object `f`, gunzipped (every gzip member) when they start with the gzip magic.
+    Raises EOFError when the gzip data ends early, zlib.error when it is corrupt."""
+    import zlib
+    data = f.read(chunk)
+    if data[:2] != readers.GZIP_MAGIC:
+        while data:
+            yield data
+            data = f.read(chunk)
+        return
+    d = zlib.decompressobj(wbits=31)
+    while data:
+        out = d.decompress(data)
+        if out:
+            yield out
+        while d.eof and d.unused_data:  # a multi-member gzip file (concatenated members)
+            tail = d.unused_data
+            d = zlib.decompressobj(wbits=31)
+            out = d.decompress(tail)
+            if out:
+                yield out
+        data = f.read(chunk)
+    if not d.eof:
+        raise EOFError("the gzip stream ends before its end marker (truncated)")
 
 
 def _parse_lines_batch(batch: pa.Table, fmt: str, header: list[str] | None, kind: str,

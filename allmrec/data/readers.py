@@ -222,7 +222,7 @@ def _not_a_review_dump(fmt: str, path: Path, n_lines: int = 20) -> str:
         with open_text(path) as f:
             head = [ln for ln in (f.readline() for _ in range(n_lines)) if ln.strip()]
     except (OSError, EOFError, zlib.error) as e:
-        return f"unreadable ({_short(e)})"
+        return f"unreadable ({short_error(e)})"
     for line in head:
         rec = _load_record(line)
         if rec is not None and user in rec and any(k in rec for k in items):
@@ -829,7 +829,7 @@ def check_file(fmt: str, path: str, kind: str) -> FileCheck:
                     break
                 lines.append(line.rstrip("\n"))
     except (OSError, EOFError, zlib.error) as e:  # a gzip stream that breaks within its first lines
-        raise InputError(f"{path}: unreadable after line {len(lines):,} ({_short(e)}): the gzip stream is "
+        raise InputError(f"{path}: unreadable after line {len(lines):,} ({short_error(e)}): the gzip stream is "
                          "truncated or corrupt; download the file again") from None
     if ended and not any(ln.strip() for ln in lines):
         raise InputError(f"{path}: the file holds no data ({len(lines):,} blank lines)")
@@ -850,7 +850,8 @@ def check_file(fmt: str, path: str, kind: str) -> FileCheck:
     return FileCheck(str(path), gz, note)
 
 
-def _short(e: BaseException) -> str:
+def short_error(e: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
     return f"{type(e).__name__}: {e}".splitlines()[0][:160]
 
 
