@@ -42,8 +42,10 @@ def _tiny_llm(folder: Path, titles: list[str]) -> None:
         folder, ["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ \"", *titles], vocab_size=300)
 
 
-def build_run(root: Path, *overrides: str):
-    """A complete (untrained) run folder; returns its Config."""
+def build_run(root: Path, *overrides: str, n_users: int = 80, n_items: int = 40):
+    """A complete (untrained) run folder; returns its Config. With a `stage2.llm=...` override (e.g. the
+    packaged SmolLM2, for bench/serve_load.py's overload and replica-kill phases) that LLM is used, with an
+    untrained projector of its width, instead of the tiny random Llama."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from safetensors.torch import save_file
@@ -56,7 +58,7 @@ def build_run(root: Path, *overrides: str):
     from allmrec.recommender import build_projector
     from pipelines.prepare import prepare
 
-    data = _pipelines_conftest().write_markov_seq_txt(root / "raw", n_users=80, n_items=40)
+    data = _pipelines_conftest().write_markov_seq_txt(root / "raw", n_users=n_users, n_items=n_items)
     cfg = load_config(None, [
         f"run_dir={root / 'run'}", f"data.path={data}", "data.format=seq_txt", "data.k_core=2", "data.n_negatives=7",
         "data.fewshot_k=[16]", "cf.hidden=16", "cf.max_len=12", "stage1.latent=16", "stage1.sbert_trainable_layers=0",
@@ -88,9 +90,17 @@ def build_run(root: Path, *overrides: str):
     write_json_atomic(run.stage1 / "manifest.json", {"job": "stage1", "fingerprint": "tiny",
                                                      "cf_weights": run.cf_identity()})
 
-    _tiny_llm(root / "llm", [str(t) for t in prep.items["title"]])
+    if cfg.stage2.llm == str(root / "llm"):
+        _tiny_llm(root / "llm", [str(t) for t in prep.items["title"]])
+        llm_dim = 32
+    else:
+        from transformers import AutoConfig
+
+        from allmrec.llm.loading import resolve_llm_source
+        source, kw = resolve_llm_source(cfg.stage2.llm)
+        llm_dim = AutoConfig.from_pretrained(source, **kw).hidden_size
     torch.manual_seed(1)
-    proj = build_projector("joint", True, 16, 16, 32)
+    proj = build_projector("joint", True, 16, 16, llm_dim)
     run.stage2().mkdir()
     save_file({k: v.contiguous() for k, v in proj.state_dict().items()}, str(run.projector_path()))
     write_json_atomic(run.stage2() / "manifest.json", {"job": "stage2", "fingerprint": "tiny",
