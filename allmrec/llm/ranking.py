@@ -26,6 +26,7 @@ import torch
 
 from ..data.text import normalize_title
 from .prompt import lm_forward
+from .stage2 import output_logits
 
 HEAD_CHUNK = 256  # positions per LM-head call while scoring (bounds the logits to HEAD_CHUNK x vocab)
 
@@ -53,17 +54,15 @@ def backbone(llm: torch.nn.Module) -> torch.nn.Module:
 
 
 def _head_logits(llm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of final hidden states (n, H), with the model's final logit soft-capping (Gemma 2)."""
-    logits = llm.get_output_embeddings()(hidden.contiguous()).float()
-    cap = getattr(llm.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+    """fp32 logits of final hidden states (n, H): Stage-2's `output_logits` (the head + soft-capping)."""
+    return output_logits(llm, hidden.contiguous()).float()
 
 
 def head_log_probs(llm: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                    chunk: int = HEAD_CHUNK) -> torch.Tensor:
     """log p(targets[i] | hidden[i]) for final hidden states (N, H) and token ids (N,): the LM head is
     applied to these rows only, `chunk` rows at a time (fp32 log-softmax), so memory is bounded by
-    chunk x vocab whatever N. Applies the model's final logit soft-capping where it has one (Gemma 2)."""
+    chunk x vocab whatever N (with what the model applies after its head: `output_logits`)."""
     out = []
     for i in range(0, hidden.shape[0], chunk):
         logits = _head_logits(llm, hidden[i:i + chunk])
