@@ -17,12 +17,11 @@ text-side q (the "A-LLMRec (SBERT)" path of the paper): recommendable without re
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from ray.serve.config import BackpressureConfig
 
-from allmrec.config import Config, load_config
+from allmrec.config import Config, load_config, resolve_project_file
 from serve.deployments import (AlignerDeployment, CFDeployment, LLMDeployment, fit_item_map,  # noqa: F401
                                model_version, variant_of, variant_tokens)
 from serve.routes import Ingress
@@ -77,7 +76,8 @@ def app_builder(args: dict[str, Any]):
     overrides = args.get("overrides") or []
     if isinstance(overrides, str):
         overrides = overrides.split()
-    cfg = load_config(Path(os.path.expanduser(path)) if path else None, list(overrides))
+    # `config` from the working directory, else from the project: the same serve/config.yaml works from any cwd
+    cfg = load_config(resolve_project_file(os.path.expanduser(path)) if path else None, list(overrides))
     return build_app(cfg, args.get("variant"), args.get("tuning"))
 
 

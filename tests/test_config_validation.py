@@ -90,3 +90,13 @@ def test_rules_are_declared_next_to_the_fields():
     assert rules["cf.model"] == {"registry": "cf_model"} and rules["eval.variants"] == {"registry": "eval_variant"}
     assert rules["stage1.deepspeed_config"] == {"file": True}
     assert "stage2.user_token_position" in rules and "data.domain.verb" in rules
+
+
+def test_project_files_resolve_from_any_working_directory(tmp_path, monkeypatch):
+    from allmrec.config import resolve_project_file
+    monkeypatch.chdir(tmp_path)
+    assert resolve_project_file("configs/ml100k.yaml") == REPO / "configs" / "ml100k.yaml"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "ml100k.yaml").write_text("name: mine\n")
+    assert resolve_project_file("configs/ml100k.yaml").resolve() == tmp_path / "configs" / "ml100k.yaml"
+    assert load_config(None, ["stage1.deepspeed_config=configs/deepspeed/zero0.json"])  # found in the project
