@@ -117,11 +117,13 @@ class RunFolder:
         else cf/ itself when an older run folder saved that model there."""
         m = model or self.cf_model
         own = self.cf_dir(m)
-        if (own / CF_WEIGHTS).is_file() and read_manifest(own) is not None:
+        if (own / CF_WEIGHTS).is_file() and (own / CF_CONFIG).is_file():
             return own
         legacy = self.root / "cf"
-        if (legacy / CF_WEIGHTS).is_file() and (read_manifest(legacy) or {}).get("model", "sasrec") == m:
-            return legacy
+        if (legacy / CF_WEIGHTS).is_file() and (legacy / CF_CONFIG).is_file():
+            import json
+            if json.loads((legacy / CF_CONFIG).read_text()).get("name") == m:
+                return legacy
         return None
 
     def cf_weights_path(self, model: str | None = None) -> Path:
@@ -236,8 +238,10 @@ class RunFolder:
         return found
 
     def cf_manifest(self, model: str | None = None) -> dict:
-        """train-cf's manifest of the CF model (MissingArtifact naming `allmrec train-cf ... cf.model=<m>`)."""
-        return read_manifest(self._cf_required(model))
+        """train-cf's manifest of the CF model (MissingArtifact naming `allmrec train-cf ... cf.model=<m>`);
+        for a model saved without one (by hand), {"model", "fingerprint": its weights' checksum}."""
+        found = self._cf_required(model)
+        return read_manifest(found) or {"model": model or self.cf_model, "fingerprint": self.cf_checksum(model)}
 
     def cf_checksum(self, model: str | None = None) -> str:
         """sha256 of the CF model's weights file: what Stage-1/Stage-2 manifests record as `cf_weights`."""

@@ -222,6 +222,10 @@ class Stage2Config:
     # dtype of the frozen LLM's weights in Stage-2, evaluation, scoring and serving: auto = bf16 on GPU
     # and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32; or float32 | bfloat16 | float16
     llm_dtype: str = F("auto", choices=("auto", "float32", "bfloat16", "float16"))
+    # training examples per user and epoch: 1 = the paper's (history -> the last training item); k > 1 adds
+    # up to k - 1 earlier (history -> next item) examples of the same sequence, a seeded choice fixed for the
+    # run (a departure from the paper: docs/guide.md). An epoch then takes up to k times the steps
+    examples_per_user: int = F(1, ge=1)
 
     # the settings that shape the prompt text: what a trained projector or adapter is tied to
     # the layout options added after the paper's prompt: checked when a projector is loaded
@@ -254,7 +258,7 @@ class TallrecConfig:
 
 @dataclass
 class EvalConfig:
-    variants: list[str] = F(factory=lambda: ["sasrec", "llm_only", "allmrec"], registry="eval_variant")
+    variants: list[str] = F(factory=lambda: ["cf", "llm_only", "allmrec"], registry="eval_variant")  # cf: cf.model, by its name
     mode: str = F("rank", choices=("rank", "generate", "both"))
     length_norm: bool = True
     max_users: int | None = F(None, ge=1)

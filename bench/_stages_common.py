@@ -31,7 +31,8 @@ def sci_config(*overrides: str):
 
 def ensure_scientific(train_cf: bool = True) -> dict[str, Any]:
     """Prepare /tmp/bench_sci (unless its data/manifest.json exists) and, with `train_cf`, a SASRec
-    trained for 5 epochs (unless cf/manifest.json exists). Not timed. Returns what was done."""
+    trained for 5 epochs (unless the run folder has one). Not timed. Returns what was done."""
+    from allmrec.artifacts import RunFolder
     done: dict[str, Any] = {"run_dir": str(SCI_RUN)}
     cfg = sci_config()
     if not (SCI_RUN / "data" / "manifest.json").is_file():
@@ -41,7 +42,7 @@ def ensure_scientific(train_cf: bool = True) -> dict[str, Any]:
         init_ray(cfg)
         prepare(cfg)
         done["prepare_s"] = round(time.perf_counter() - t0, 1)
-    if train_cf and not (SCI_RUN / "cf" / "manifest.json").is_file():
+    if train_cf and RunFolder(cfg).cf_found() is None:
         from pipelines.common import init_ray
         from pipelines.train_cf import train_cf as _train_cf
         t0 = time.perf_counter()
@@ -56,12 +57,14 @@ def load_cf(cfg, prep):
     one, else an untrained one (seeded): the speed of Stages 1-2 does not depend on its weights."""
     import torch
 
-    from allmrec.cf import build_cf_model, load_cf_model
-    cf_dir = Path(cfg.run_dir) / "cf"
-    if (cf_dir / "manifest.json").is_file():
-        model = load_cf_model(cf_dir)
-        meta = json.loads((cf_dir / "manifest.json").read_text())
-        desc = f"trained SASRec from {cf_dir} ({meta.get('epochs_run', '?')} epochs)"
+    from allmrec.artifacts import RunFolder
+    from allmrec.cf import build_cf_model
+    rf = RunFolder(cfg)
+    cf_dir = rf.cf_found()
+    if cf_dir is not None:
+        model = rf.load_cf()
+        meta = rf.cf_manifest()
+        desc = f"trained {cfg.cf.model} from {cf_dir} ({meta.get('epochs_run', '?')} epochs)"
     else:
         torch.manual_seed(cfg.seed)
         model = build_cf_model(cfg.cf.model, prep.n_items, prep.n_train_users, vars(cfg.cf))

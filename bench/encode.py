@@ -33,19 +33,21 @@ def _subset_run(cfg, n: int, dest: Path):
     """A run folder whose prepared data holds only the first `n` items (what encode reads: items + manifest)."""
     import pyarrow.parquet as pq
 
+    from allmrec.artifacts import RunFolder
     from allmrec.config import load_config
     from allmrec.data import schema
-    from pipelines.common import run_path
 
-    src = run_path(cfg, "data")
-    (dest / "data").mkdir(parents=True, exist_ok=True)
+    src = RunFolder(cfg).data
+    out = load_config(None, [f"{k}={v}" for k, v in (("run_dir", dest), ("data.format", cfg.data.format),
+                                                    ("data.path", cfg.data.path), ("ray.progress", "false"))])
+    dst = RunFolder(out).data
+    dst.mkdir(parents=True, exist_ok=True)
     items = pq.read_table(src / schema.ITEMS).sort_by("item").slice(0, n)
-    pq.write_table(items, dest / "data" / schema.ITEMS)
+    pq.write_table(items, dst / schema.ITEMS)
     m = json.loads((src / schema.MANIFEST).read_text())
     m["fingerprint"] = f"{m['fingerprint']}-first{n}"
-    (dest / "data" / schema.MANIFEST).write_text(json.dumps(m))
-    return load_config(None, [f"{k}={v}" for k, v in (("run_dir", dest), ("data.format", cfg.data.format),
-                                                     ("data.path", cfg.data.path), ("ray.progress", "false"))])
+    (dst / schema.MANIFEST).write_text(json.dumps(m))
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
         from allmrec.align.sbert import load_sbert
         from allmrec.data import schema
         from allmrec.data.load import read_parquet
-        from pipelines.common import init_ray, run_path, setup_logging
+        from allmrec.artifacts import RunFolder
+        from pipelines.common import init_ray, setup_logging
         from pipelines.encode import encode
 
         setup_logging()
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         ray.shutdown()
         if n_limit:
             cfg = _subset_run(cfg, n_limit, work / "subset")
-        items = pq.read_table(run_path(cfg, "data", schema.ITEMS)).sort_by("item")
+        items = pq.read_table(RunFolder(cfg).data / schema.ITEMS).sort_by("item")
         texts = items["text"].to_pylist()
         n = len(texts)
         print(f"data: prepared amazon-scientific ({prep_s:.0f} s to prepare, not timed): {n:,} item texts")

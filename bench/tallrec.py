@@ -9,7 +9,7 @@ on the same data and model: the trained ML-100K run folder (default /work/main/r
 model, Stage-1 joint embeddings, Stage-2 projector; read only — a temporary run folder links to them and
 holds the TALLRec adapter trained here), configs/ml100k.yaml, the packaged SmolLM2-135M-Instruct in the
 dtype `stage2.llm_dtype` resolves to (bf16 on CPUs with native bf16, else fp32), batch 4, the same seeded
-users and Stage-2 examples (`pipelines.stage2._train_examples`) for both models, AdamW lr 1e-4 (wd 0).
+users and Stage-2 examples (`pipelines.rows.next_title_examples`) for both models, AdamW lr 1e-4 (wd 0).
 
 TRAIN (one step = build batch + forward + backward + optimizer step):
 - A-LLMRec Stage-2: frozen LLM, trainable projectors F_U, F_I (fresh, seeded); the soft-token prompt
@@ -56,9 +56,7 @@ def bench_config(run: Path):
 def _train(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from allmrec.artifacts import LORA, item_titles, run_dir, tallrec_dir, user_reps, variant_vectors
-    from allmrec.cf import load_cf_model
-    from allmrec.data.load import Prepared
+    from allmrec.artifacts import RunFolder, item_titles, user_reps
     from allmrec.llm.loading import load_llm, resolve_dtype
     from allmrec.llm.lora import add_lora, lora_state, save_lora
     from allmrec.llm.stage2 import stage2_loss
@@ -68,15 +66,16 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     cfg = bench_config(Path(spec["run"]))
     s2, t = cfg.stage2, cfg.tallrec
-    prep = Prepared(run_dir(cfg, "data"))
+    rf = RunFolder(cfg)
+    prep = rf.prepared()
     ex = examples(cfg, prep, spec["users"])  # seeded users, Stage-2's own example builder
     dtype = resolve_dtype(s2.llm_dtype, "cpu")
     llm, tok = load_llm(s2.llm, dtype=dtype)
     torch.manual_seed(cfg.seed)
     titles = item_titles(prep)
     if spec["model"] == "allmrec":
-        cf = load_cf_model(run_dir(cfg, "cf")).eval().requires_grad_(False)
-        vectors = variant_vectors(cfg, cf, run_dir(cfg))  # stage2.item_tokens=joint: Stage-1's e_i
+        cf = rf.load_cf().requires_grad_(False)
+        vectors = rf.item_vectors(cf)  # stage2.item_tokens=joint: Stage-1's e_i
         projector = build_projector("joint", True, cf.hidden, vectors.shape[1], llm.config.hidden_size)
         rec = LLMRecommender(llm, tok, titles, cfg.data.domain, projector=projector, item_vectors=vectors,
                              use_user_token=True, history_len=s2.history_len, max_title_tokens=s2.max_title_tokens)
@@ -120,8 +119,8 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
         if sum(times) > spec["time_cap_s"]:
             break
     if spec.get("save"):  # the adapter the rank runs load (evaluation's path: <run>/tallrec/lora.safetensors)
-        tallrec_dir(cfg).mkdir(parents=True, exist_ok=True)
-        save_lora(lora_state(llm), tallrec_dir(cfg) / LORA)
+        rf.tallrec.mkdir(parents=True, exist_ok=True)
+        save_lora(lora_state(llm), rf.lora_path)
     out.update({"times": [round(x, 3) for x in times], "cpu": [round(x, 3) for x in cpu],
                 "users": sum(len(b) for b in batches[:len(times)]), "final_loss": round(losses[-1], 4),
                 "prompt_tokens_mean": round(float(np.mean(lens)), 1),
@@ -135,7 +134,7 @@ def _rank(spec: dict[str, Any]) -> dict[str, Any]:
 
     from allmrec.artifacts import load_recommender, user_reps
     from allmrec.recommender import Example, candidate_order
-    from pipelines.evaluate import _subset
+    from pipelines.evaluate import seeded_subset as _subset
 
     torch.set_num_threads(spec["threads"])
     cfg = bench_config(Path(spec["run"]))
@@ -206,8 +205,11 @@ def _plan(rounds: int) -> list[tuple[str, str]]:
 def _make_run(src: Path) -> Path:
     """A temporary run folder whose data/cf/encode/stage1/stage2 are links to `src` (nothing is copied
     into or written to `src`); the TALLRec child writes its adapter to <tmp>/tallrec/."""
-    missing = [p for p in PARTS if p != "encode" and not (src / p / "manifest.json").is_file()]
-    if missing or not (src / "stage2" / "projector.safetensors").is_file():
+    from allmrec.artifacts import RunFolder
+    rf = RunFolder(bench_config(src))
+    missing = [name for name, d in (("data", rf.data), ("stage1", rf.stage1), ("stage2", rf.stage2()))
+               if rf.manifest(d) is None] + ([] if rf.cf_found() else ["cf"])
+    if missing or not rf.projector_path().is_file():
         raise FileNotFoundError(f"{src} lacks a finished {missing or ['stage2 projector']}: run "
                                 f"`allmrec run --config configs/ml100k.yaml --no-serve` first")
     run = Path(tempfile.mkdtemp(prefix="bench-tallrec-"))

@@ -38,13 +38,13 @@ def baseline(cfg, epochs: int, threads: int) -> dict:
     from allmrec.cf.data import TrainBatches
     from allmrec.cf.trainer import evaluate_candidates, train_epoch
     from allmrec.data.load import Prepared
+    from allmrec.artifacts import RunFolder
     from allmrec.metrics import summarize
-    from pipelines.common import run_path
 
     c = cfg.cf
     t_start = time.perf_counter()
     torch.set_num_threads(threads)
-    prep = Prepared(run_path(cfg, "data"))
+    prep = Prepared(RunFolder(cfg).data)
     seqs = prep.sequences
     full = [np.asarray(s, dtype=np.int64) for s in seqs["seq"]]
     batches = TrainBatches([s[:-2] for s in full], seqs["user"].to_numpy(), c.max_len, prep.n_items, c.batch_size,
@@ -73,7 +73,7 @@ def baseline(cfg, epochs: int, threads: int) -> dict:
 def _ray_run(cfg, workers: int, epochs: int, attempts: int = 2) -> dict:
     """One `train_cf` call with `workers` Ray Train workers; retried once when it fails (on a shared
     machine Ray's node-wide memory monitor can kill our workers for other jobs' memory)."""
-    from pipelines.common import run_path
+    from allmrec.artifacts import RunFolder
     from pipelines.train_cf import train_cf
 
     cfg.cf.num_workers = workers
@@ -82,7 +82,7 @@ def _ray_run(cfg, workers: int, epochs: int, attempts: int = 2) -> dict:
         # Ray Train resumes a run of the same name from its last checkpoint (the name depends on the data
         # and cf config, not on num_workers), so without this the 2-worker call would restore the finished
         # 1-worker run and train 0 epochs, even with force=True
-        shutil.rmtree(run_path(cfg, "ray_results"), ignore_errors=True)
+        shutil.rmtree(RunFolder(cfg).ray_results, ignore_errors=True)
         try:
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
@@ -122,12 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         import ray
 
-        from pipelines.common import init_ray, run_path, setup_logging
+        from allmrec.artifacts import RunFolder
+        from pipelines.common import init_ray, setup_logging
 
         setup_logging()
         cfg, prep_s = prepared_scientific(work / "run", f"cf.epochs={epochs}", "cf.patience=1000")
         ray.shutdown()  # the baseline runs alone
-        m = json.loads((run_path(cfg, "data") / "manifest.json").read_text())["counts"]
+        m = RunFolder(cfg).require(RunFolder(cfg).data, "allmrec prepare")["counts"]
         print(f"data: prepared amazon-scientific ({prep_s:.0f} s to prepare, not timed): {m['users']:,} users, "
               f"{m['items']:,} items, {m['interactions']:,} interactions; {epochs} epochs each")
 

@@ -35,9 +35,9 @@ JOBS: dict[str, tuple[str, str]] = {
     "train-cf": ("pre-train the CF model (Ray Train, DDP)",
                  "Reads RUN_DIR/data/. Trains cf.model (sasrec | gru4rec | nextitnet | ncf | morec, or a plugged-in "
                  "model) for cf.epochs with early stopping on validation NDCG@10 (cf.patience) over cf.num_workers "
-                 "workers; resumes from its last checkpoint after a worker failure. Writes RUN_DIR/cf/."),
+                 "workers; resumes from its last checkpoint after a worker failure. Writes RUN_DIR/cf/<cf.model>/."),
     "stage1": ("Stage-1: align CF item embeddings with SBERT text embeddings (Ray Train + DeepSpeed)",
-               "Reads RUN_DIR/data/ and RUN_DIR/cf/ (run train-cf first). Trains the aligner (stage1.*) and "
+               "Reads RUN_DIR/data/ and RUN_DIR/cf/<cf.model>/ (run train-cf first). Trains the aligner (stage1.*) and "
                "fine-tunes SBERT. Writes RUN_DIR/stage1/ (aligner + SBERT export, joint_emb.parquet, loss.png)."),
     "stage2": ("Stage-2: project user/item vectors into the frozen LLM's tokens (Ray Train + DeepSpeed ZeRO-3)",
                "Reads RUN_DIR/data/, cf/ and stage1/. Trains the projectors for stage2.item_tokens / "
@@ -253,7 +253,8 @@ def _run_job(args: argparse.Namespace, cfg, variants: list[str]) -> str:
     if job == "genres":
         from pipelines import genres
         return genres.summary(genres.genres(cfg, variants or genres.DEFAULT_VARIANTS,
-                                            max_users=args.max_users or None, max_new_tokens=args.max_new_tokens))
+                                            max_users=args.max_users or None, max_new_tokens=args.max_new_tokens,
+                                            force=force))
     if job == "score":
         from pipelines import score
         return score.summary(score.score(cfg, force=force))

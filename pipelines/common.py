@@ -1,4 +1,6 @@
-"""What every Ray job shares: starting/attaching Ray, run-folder layout, logging."""
+"""What every Ray job shares: starting/attaching Ray, logging, the job contract (skip when up to date,
+leftovers of a killed run removed), the seeded training users, the Ray Train trainer. Where artifacts live
+is allmrec.artifacts.RunFolder's business."""
 from __future__ import annotations
 
 import logging
@@ -53,10 +55,37 @@ def _start_or_attach(ray, cfg: Config) -> None:
         # The dashboard serves the State API, which Ray Train's PlacementGroupCleaner polls: without it
         # the cleaner cannot work and logs a warning every few seconds (half the main job's log lines).
         kwargs["include_dashboard"] = True
+        kwargs.update(_state_api_of_this_cluster())
         num_cpus = cfg.ray.num_cpus or 2 * (os.cpu_count() or 1)
         if cfg.ray.object_store_memory_gb:
             kwargs["object_store_memory"] = int(cfg.ray.object_store_memory_gb * (1 << 30))
         ray.init(num_cpus=num_cpus, **kwargs)
+
+
+_API_ADDRESS_OURS: str | None = None  # RAY_API_SERVER_ADDRESS as this process last set it
+
+
+def _state_api_of_this_cluster() -> dict:
+    """ray.init arguments (a dashboard port chosen here) + RAY_API_SERVER_ADDRESS naming that dashboard.
+
+    Why: Ray Train's helper actors (the controller's PlacementGroupCleaner) call the State API without
+    an address, and Ray then looks for running clusters by their processes: with a second cluster on
+    the machine (another user's, a test session's) it raises "Found multiple active Ray instances"
+    inside the actor, and the driver prints that traceback on every training job. The State API
+    client reads RAY_API_SERVER_ADDRESS first (ray.init does not read it), and the local cluster's
+    workers inherit this process's environment, so setting it before ray.init points every worker at
+    this cluster's dashboard. A value the user set is left alone; our own from an earlier cluster of
+    this process is replaced."""
+    global _API_ADDRESS_OURS
+    current = os.environ.get("RAY_API_SERVER_ADDRESS")
+    if current and current != _API_ADDRESS_OURS:
+        return {}
+    import socket
+    with socket.socket() as s:  # a free port now; Ray's dashboard binds it a moment later
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _API_ADDRESS_OURS = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return {"dashboard_port": port}
 
 
 def quiet_worker_logs() -> None:
@@ -74,8 +103,37 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ALLMREC_CACHE", Path.home() / ".cache" / "allmrec"))
 
 
-def run_path(cfg: Config, *parts: str) -> Path:
-    return Path(cfg.run_dir).expanduser().resolve().joinpath(*parts)
+def clear_leftovers(out_dir: Path) -> list[Path]:
+    """Remove what a killed run of the job writing `out_dir` left beside it: the temporary and replaced
+    folders or files of `allmrec.io.atomic_dir` / `write_json_atomic` (`<name>.tmp-*`, `<name>.old-*`) and,
+    inside it, hidden temporary files (`.<file>.tmp-*`, `.<part>.<id>.tmp`). Returns what was removed."""
+    import re
+    import shutil
+
+    out_dir = Path(out_dir)
+    gone: list[Path] = []
+    pattern = re.compile(rf"^{re.escape(out_dir.name)}\.(tmp|old)-[0-9a-f]+$")
+    candidates = list(out_dir.parent.iterdir()) if out_dir.parent.is_dir() else []
+    candidates += [p for p in out_dir.iterdir() if p.name.startswith(".") and ".tmp" in p.name] \
+        if out_dir.is_dir() else []
+    for p in candidates:
+        if p.parent == out_dir or pattern.match(p.name):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            gone.append(p)
+    if gone:
+        log.info("removed %d leftover(s) of an interrupted run: %s", len(gone), ", ".join(p.name for p in gone))
+    return gone
+
+
+def up_to_date(job: str, out_dir: Path, fp: str, force: bool) -> bool:
+    """The job contract's first step: clear an interrupted run's leftovers, then True (and a log line)
+    when `out_dir` holds a finished output of the same fingerprint and `force` is not set."""
+    from allmrec.io import is_complete
+    clear_leftovers(out_dir)
+    if not force and is_complete(out_dir, fp):
+        log.info("%s: %s is up to date; use --force to redo", job, out_dir)
+        return True
+    return False
 
 
 def training_users(cfg: Config, prep, max_users: int | None) -> set[int] | None:
@@ -154,11 +212,14 @@ def make_trainer(cfg: Config, run_name: str, train_func, loop_config: dict, data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from allmrec.artifacts import RunFolder
+
+    results = RunFolder(cfg).ray_results
     if force:
         import shutil
-        shutil.rmtree(run_path(cfg, "ray_results", run_name), ignore_errors=True)
+        shutil.rmtree(results / run_name, ignore_errors=True)
     else:  # a killed attempt's half-written checkpoint, outside the snapshot Ray resumes from
-        drop_unregistered_checkpoints(run_path(cfg, "ray_results", run_name))
+        drop_unregistered_checkpoints(results / run_name)
     return TorchTrainer(
         train_func,
         train_loop_config={**loop_config, "threads": worker_threads(cfg, num_workers, use_gpu)},
@@ -167,7 +228,7 @@ def make_trainer(cfg: Config, run_name: str, train_func, loop_config: dict, data
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(name=run_name, storage_path=str(run_path(cfg, "ray_results")),
+        run_config=RunConfig(name=run_name, storage_path=str(results),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from allmrec.artifacts import RESOLVED_CONFIG, RunFolder
 from allmrec.config import Config
 from allmrec.data import schema
-from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
-from pipelines.common import init_ray, run_path
+from allmrec.io import atomic_dir, fingerprint, read_manifest
+from pipelines.common import init_ray, up_to_date
+from pipelines.fingerprints import model_identity
 
 log = logging.getLogger("allmrec.encode")
 
@@ -36,15 +38,14 @@ class SbertActor:
 
 
 def encode(cfg: Config, force: bool = False) -> Path:
-    data_dir = run_path(cfg, "data")
-    m = read_manifest(data_dir)
-    if m is None:
-        raise FileNotFoundError(f"{data_dir} has no prepared data: run `allmrec prepare` first")
-    out_dir = run_path(cfg, "encode")
+    rf = RunFolder(cfg)
+    data_dir = rf.data
+    m = rf.require(data_dir, "allmrec prepare")
+    out_dir = rf.encode
     e = cfg.encode
-    fp = fingerprint({"data": m["fingerprint"], "encode": {"model": e.model, "max_seq_length": e.max_seq_length}})
-    if not force and is_complete(out_dir, fp):
-        log.info("encode: %s is up to date; use --force to rebuild", out_dir)
+    fp = fingerprint({"data": m["fingerprint"], "encode": {"model": e.model, "max_seq_length": e.max_seq_length},
+                      "sbert": model_identity(e.model, "sbert")})
+    if up_to_date("encode", out_dir, fp, force):
         return out_dir
     ray = init_ray(cfg)
     t0 = time.perf_counter()
@@ -67,7 +68,7 @@ def encode(cfg: Config, force: bool = False) -> Path:
         (tmp / schema.MANIFEST).write_text(json.dumps({
             "fingerprint": fp, "job": "encode", "model": e.model, "items": n, "dim": dim,
             "actors": n_actors, "seconds": round(dt, 2), "items_per_s": round(n / dt, 2)}, indent=2))
-        cfg.dump(tmp / "config.yaml")
+        cfg.dump(tmp / RESOLVED_CONFIG)
     return out_dir
 
 

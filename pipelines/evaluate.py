@@ -25,20 +25,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from allmrec.artifacts import LLM_VARIANTS, load_recommender, user_reps
+from allmrec.artifacts import JOINT_EMB, LLM_VARIANTS, RESOLVED_CONFIG, RunFolder, user_reps
 from allmrec.cf.trainer import evaluate_candidates, popularity_scores
 from allmrec.config import Config, config_from_dict, load_config
 from allmrec.data.load import Prepared
 from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
 from allmrec.metrics import ranks_from_scores, summarize
-from pipelines.common import init_ray, run_path
+from pipelines.common import clear_leftovers, init_ray, up_to_date
+from pipelines.fingerprints import CF_VARIANTS, variant_inputs  # CF_VARIANTS: every registered CF model, "cf", most_popular
 
 log = logging.getLogger("allmrec.evaluate")
 
-CF_VARIANTS = {"sasrec", "gru4rec", "nextitnet", "ncf", "morec", "cf", "most_popular"}
 
-
-def _subset(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+def seeded_subset(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    """At most `n` rows of `df`, a seeded choice in the original order (the users evaluate scores)."""
     if n is None or n >= len(df):
         return df
     idx = np.sort(np.random.default_rng(seed).choice(len(df), n, replace=False))
@@ -47,9 +47,9 @@ def _subset(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
 
 def eval_rows(cfg: Config, prep: Prepared) -> pd.DataFrame:
     """All (scenario, user) rows to score; cold/warm item scenarios are read off 'overall' by target group."""
-    test = _subset(prep.candidates("test"), cfg.eval.max_users, cfg.seed)
+    test = seeded_subset(prep.candidates("test"), cfg.eval.max_users, cfg.seed)
     parts = [test.assign(scenario="overall")]
-    cold = _subset(prep.candidates("cold_users"), cfg.eval.max_users, cfg.seed)
+    cold = seeded_subset(prep.candidates("cold_users"), cfg.eval.max_users, cfg.seed)
     if len(cold):
         parts.append(cold.assign(scenario="cold_users"))
     rows = pd.concat(parts, ignore_index=True)
@@ -67,8 +67,8 @@ class LLMScorer:
         torch.set_num_threads(threads)
         self.cfg, self.variant = config_from_dict(cfg_dict), variant
         self.cross = item_table is not None
-        self.rec, self.cf, _ = load_recommender(
-            self.cfg, variant, device="cuda" if use_gpu else "cpu",
+        self.rec, self.cf, _ = RunFolder(self.cfg).load_recommender(
+            variant, device="cuda" if use_gpu else "cpu",
             source=self.cfg.eval.source_run if self.cross else None, item_table=item_table and Path(item_table))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -112,14 +112,11 @@ class LLMScorer:
 
 
 def _cf_results(cfg: Config, prep: Prepared, rows: pd.DataFrame, variant: str) -> pd.DataFrame:
-    from allmrec.cf import load_cf_model
     cands = np.array([[t, *n] for t, n in zip(rows["target"], rows["negatives"])], dtype=np.int64)
     if variant == "most_popular":
         ranks = ranks_from_scores(popularity_scores([s[:-2] for s in prep.sequences["seq"]], prep.n_items)[cands])
     else:
-        name = cfg.cf.model if variant == "cf" else variant
-        path = run_path(cfg, "cf") if name == cfg.cf.model else run_path(cfg, "cf", name)
-        model = load_cf_model(path).eval()
+        model = RunFolder(cfg).load_cf(None if variant == "cf" else variant)
         known = (rows["scenario"] != "cold_users").to_numpy()
         ranks = np.empty(len(rows), dtype=np.int64)
         hists = [np.asarray(h) for h in rows["history"]]
@@ -137,12 +134,14 @@ def source_run(cfg: Config) -> Path | None:
     """The trained run of the cross-domain scenario (None: the usual in-domain evaluation)."""
     if cfg.eval.source_run is None:
         return None
-    src = Path(cfg.eval.source_run).expanduser().resolve()
-    missing = [p for p in ("cf", "stage1") if read_manifest(src / p) is None]
+    models = RunFolder(cfg, cfg.eval.source_run)
+    src = models.root
+    missing = [name for name, ok in (("cf", models.cf_found() is not None),
+                                     ("stage1", read_manifest(models.stage1) is not None)) if not ok]
     if missing:
         raise FileNotFoundError(f"eval.source_run={src}: no trained {' and '.join(missing)} there "
-                                "(run the main job on the source dataset first)")
-    if src == run_path(cfg):
+                                f"(cf.model={cfg.cf.model}; run the main job on the source dataset first)")
+    if src == RunFolder(cfg).root:
         raise ValueError("eval.source_run is this run itself: cross-domain needs another run's models")
     return src
 
@@ -150,36 +149,62 @@ def source_run(cfg: Config) -> Path | None:
 def cross_item_table(cfg: Config, src: Path) -> Path:
     """This run's items embedded by the source run's Stage-1 (fine-tuned SBERT -> f_T^enc), cached in
     <run>/cross/<source>-<fingerprint>/joint_emb.parquet. e_i = q_i: the CF model has no embedding for them."""
-    from pipelines.stage1 import EXPORT, _bundle, item_table
-    src_cfg = load_config(src / "stage1" / "config.yaml", [f"run_dir={src}"])
-    fp = fingerprint({"source": read_manifest(src / "stage1")["fingerprint"],
-                      "data": read_manifest(run_path(cfg, "data"))["fingerprint"]})
-    out = run_path(cfg, "cross", f"{src.name}-{fp}")
+    from pipelines.joint import item_table
+    rf = RunFolder(cfg)
+    models = RunFolder(load_config(RunFolder(cfg, src).stage1 / RESOLVED_CONFIG, [f"run_dir={src}"]))
+    fp = fingerprint({"source": read_manifest(models.stage1)["fingerprint"],
+                      "data": read_manifest(rf.data)["fingerprint"]})
+    out = rf.cross(f"{src.name}-{fp}")
+    clear_leftovers(out)
     if not is_complete(out, fp):
         init_ray(cfg)
         with atomic_dir(out) as tmp:
-            item_table(src_cfg, _bundle(src / "cf"), (src / "stage1" / EXPORT).read_bytes(),
-                       Prepared(run_path(cfg, "data")), text_only=True).write_parquet(str(tmp / "joint_emb.parquet"))
+            item_table(models.cfg, models.cf_files(), models.stage1_export(),
+                       rf.prepared(), text_only=True).write_parquet(str(tmp / JOINT_EMB))
             (tmp / "manifest.json").write_text(json.dumps({"fingerprint": fp, "job": "cross_item_table",
                                                            "source": str(src)}, indent=2))
-    return out / "joint_emb.parquet"
+    return out / JOINT_EMB
+
+
+def variants_of(cfg: Config) -> list[str]:
+    """`eval.variants` with "cf" named as the configured CF model (cf.model), duplicates dropped."""
+    return list(dict.fromkeys(cfg.cf.model if v == "cf" else v for v in cfg.eval.variants))
+
+
+def plan(cfg: Config) -> tuple[Path, str, dict]:
+    """(output folder, fingerprint, inputs per variant) of an evaluation of `cfg`."""
+    rf = RunFolder(cfg)
+    m = rf.require(rf.data, "allmrec prepare")
+    src = source_run(cfg)
+    e = cfg.to_dict()["eval"] | {"num_actors": None, "use_gpu": None}
+    inputs = {v: variant_inputs(cfg, v, src) for v in variants_of(cfg)}
+    src_fp = None if src is None else read_manifest(RunFolder(cfg, src).stage1)["fingerprint"]
+    fp = fingerprint({"data": m["fingerprint"], "seed": cfg.seed, "eval": e, "n_negatives": cfg.data.n_negatives,
+                      "source": src_fp, "variants": inputs})
+    return rf.report(src), fp, inputs
 
 
 def evaluate(cfg: Config, force: bool = False) -> Path:
-    prep = Prepared(run_path(cfg, "data"))
+    """Score every `eval.variants` model (skipped when the data, the models it reads and the settings are
+    unchanged; `force` redoes)."""
+    for variant in variants_of(cfg):  # a cross-domain mistake is named before anything is loaded
+        if cfg.eval.source_run is not None and variant in CF_VARIANTS - {"most_popular"}:
+            raise ValueError(f"cross-domain evaluation: {variant!r} cannot score another domain's items (a CF "
+                             "model's item ids do not transfer); use most_popular and the LLM variants")
+    out_dir, fp, inputs = plan(cfg)
+    if up_to_date("evaluate", out_dir, fp, force):
+        return out_dir
+    rf = RunFolder(cfg)
+    prep = rf.prepared()
     rows = eval_rows(cfg, prep)
     src = source_run(cfg)
-    out_dir = run_path(cfg, "report") if src is None else run_path(cfg, f"report-from-{src.name}")
     table = None if src is None else str(cross_item_table(cfg, src))
     ray = init_ray(cfg)
     cores = os.cpu_count() or 1
     e = cfg.eval
     results, timings = [], {}
-    for variant in e.variants:
+    for variant in variants_of(cfg):
         t0 = time.perf_counter()
-        if src is not None and variant in CF_VARIANTS - {"most_popular"}:
-            raise ValueError(f"cross-domain evaluation: {variant!r} cannot score another domain's items (a CF "
-                             "model's item ids do not transfer); use most_popular and the LLM variants")
         if variant in CF_VARIANTS:
             results.append(_cf_results(cfg, prep, rows, variant))
         elif variant in LLM_VARIANTS:
@@ -201,15 +226,16 @@ def evaluate(cfg: Config, force: bool = False) -> Path:
     report = summarize_results(res)
     with atomic_dir(out_dir) as tmp:
         res.to_parquet(tmp / "results.parquet")
-        meta = {"seed": cfg.seed, "data": read_manifest(run_path(cfg, "data"))["fingerprint"],
+        meta = {"seed": cfg.seed, "data": read_manifest(rf.data)["fingerprint"],
                 "source_run": None if src is None else str(src),
-                "mode": e.mode, "variants": e.variants, "users_overall": int((rows.scenario == "overall").sum()),
+                "mode": e.mode, "variants": variants_of(cfg), "users_overall": int((rows.scenario == "overall").sum()),
                 "users_cold": int((rows.scenario == "cold_users").sum()), "seconds": timings,
-                "fingerprint": fingerprint({"eval": cfg.to_dict()["eval"], "seed": cfg.seed})}
+                "fingerprint": fp}
         (tmp / "report.json").write_text(json.dumps({"meta": meta, "metrics": report}, indent=2))
         (tmp / "report.md").write_text(render_markdown(report, meta, cfg))
         plot_report(report, tmp)
-        (tmp / "manifest.json").write_text(json.dumps(meta | {"job": "evaluate"}, indent=2))
+        cfg.dump(tmp / RESOLVED_CONFIG)
+        (tmp / "manifest.json").write_text(json.dumps(meta | {"job": "evaluate", "inputs": inputs}, indent=2))
     return out_dir
 
 

@@ -23,13 +23,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from allmrec.artifacts import LLM_VARIANTS, load_recommender, user_reps
+from allmrec.artifacts import LLM_VARIANTS, RESOLVED_CONFIG, RunFolder, user_reps
 from allmrec.config import Config
 from allmrec.data.load import Prepared
-from allmrec.io import atomic_dir, fingerprint, read_manifest
+from allmrec.io import atomic_dir, fingerprint
 from allmrec.llm.genres import (genre_counts, genre_question, genre_vocab, item_genres, parse_genres,
                                 score_user, summarize_scores, top_genres)
-from pipelines.common import run_path
+from pipelines.common import up_to_date
+from pipelines.fingerprints import variant_inputs
 
 log = logging.getLogger("allmrec.genres")
 
@@ -51,7 +52,7 @@ def _ask_variant(cfg: Config, variant: str, users: np.ndarray, hists: list[np.nd
     """The variant's answers, and the LLM's weight dtype."""
     from allmrec.recommender import Example
 
-    rec, cf, _ = load_recommender(cfg, variant, device=device)
+    rec, cf, _ = RunFolder(cfg).load_recommender(variant, device=device)
     texts: list[str] = []
     with tqdm(total=len(users), desc=f"genres {variant}", unit="user") as bar:
         for s in range(0, len(users), batch_size):
@@ -65,14 +66,18 @@ def _ask_variant(cfg: Config, variant: str, users: np.ndarray, hists: list[np.nd
 
 
 def genres(cfg: Config, variants: Sequence[str] = DEFAULT_VARIANTS, max_users: int | None = 100,
-           max_new_tokens: int = 24, top_k: int = 3, batch_size: int | None = None) -> Path:
+           max_new_tokens: int = 24, top_k: int = 3, batch_size: int | None = None, force: bool = False) -> Path:
+    """Ask each LLM variant for the users' favourite genres and score the answers; skipped when the data,
+    the models the variants read and the settings are unchanged (`force` redoes)."""
     variants = list(dict.fromkeys(variants))
     unknown = [v for v in variants if v not in LLM_VARIANTS]
     if unknown or not variants:
         raise ValueError(f"genres: unknown or no LLM variants {unknown or variants}; known: {sorted(LLM_VARIANTS)}")
     if max_new_tokens < 1 or top_k < 1:
         raise ValueError(f"genres: max_new_tokens and top_k must be >= 1, got {max_new_tokens}, {top_k}")
-    prep = Prepared(run_path(cfg, "data"))
+    rf = RunFolder(cfg)
+    data_manifest = rf.require(rf.data, "allmrec prepare")
+    prep = rf.prepared()
     vocab = genre_vocab(prep.items)  # ValueError for a dataset without categories
     genres_of = item_genres(prep.items)
     question = genre_question(cfg.data.domain)
@@ -86,6 +91,13 @@ def genres(cfg: Config, variants: Sequence[str] = DEFAULT_VARIANTS, max_users: i
 
     device = "cuda" if cfg.eval.use_gpu else "cpu"
     bs = batch_size or cfg.eval.batch_size
+    out_dir = rf.genres
+    inputs = {v: variant_inputs(cfg, v) for v in variants}
+    fp = fingerprint({"data": data_manifest["fingerprint"], "seed": cfg.seed, "variants": variants,
+                      "users": users.tolist(), "top_k": top_k, "max_new_tokens": max_new_tokens, "question": question,
+                      "batch_size": bs, "inputs": inputs})
+    if up_to_date("genres", out_dir, fp, force):
+        return out_dir
     answers, seconds, dtype = {}, {}, ""
     for v in variants:
         t0 = time.perf_counter()
@@ -102,21 +114,17 @@ def genres(cfg: Config, variants: Sequence[str] = DEFAULT_VARIANTS, max_users: i
                          **score_user(named, top, top_k)})
     res = pd.DataFrame(rows)
     metrics = {v: summarize_scores(g) for v, g in res.groupby("variant", sort=False)}
-    data_manifest = read_manifest(run_path(cfg, "data")) or {}
     meta = {"seed": cfg.seed, "data": data_manifest.get("fingerprint"), "variants": variants, "users": len(users),
             "top_k": top_k, "max_new_tokens": max_new_tokens, "question": question, "llm": cfg.stage2.llm,
             "history_len": cfg.stage2.history_len, "popular_genres": popular, "vocab": vocab, "device": device,
             "llm_dtype": dtype,
-            "seconds": seconds,
-            "fingerprint": fingerprint({"variants": variants, "users": users.tolist(), "top_k": top_k,
-                                        "max_new_tokens": max_new_tokens, "question": question,
-                                        "stage2": cfg.to_dict()["stage2"]})}
-    out_dir = run_path(cfg, "genres")
+            "seconds": seconds, "fingerprint": fp}
     with atomic_dir(out_dir) as tmp:
         res.to_parquet(tmp / "results.parquet")
         (tmp / "report.json").write_text(json.dumps({"meta": meta, "metrics": metrics}, indent=2))
         (tmp / "report.md").write_text(render_markdown(metrics, meta, res, cfg))
-        (tmp / "manifest.json").write_text(json.dumps(meta | {"job": "genres"}, indent=2))
+        cfg.dump(tmp / RESOLVED_CONFIG)
+        (tmp / "manifest.json").write_text(json.dumps(meta | {"job": "genres", "inputs": inputs}, indent=2))
     return out_dir
 
 

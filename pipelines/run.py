@@ -61,9 +61,10 @@ def _serve_demo(cfg: Config) -> None:
     import httpx
     import ray
 
-    from allmrec.data.load import Prepared
+    from allmrec.artifacts import RunFolder
 
-    cfg_path = Path(cfg.run_dir).resolve() / "serve_config.yaml"
+    rf = RunFolder(cfg)
+    cfg_path = rf.serve_config
     cfg.dump(cfg_path)
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     proc = subprocess.Popen([sys.executable, "-m", "serve", "--config", str(cfg_path)], env=env)
@@ -81,7 +82,7 @@ def _serve_demo(cfg: Config) -> None:
             time.sleep(2)
         else:
             raise TimeoutError("the service did not come up within 10 minutes")
-        prep = Prepared(Path(cfg.run_dir) / "data")
+        prep = rf.prepared()
         user = int(prep.sequences["user"].iloc[0])
         body = {"user_id": user, "k": 5}
         r = httpx.post(f"{url}/v1/recommend", json=body, timeout=300)

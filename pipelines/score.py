@@ -19,25 +19,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from allmrec.artifacts import load_recommender, user_reps
+from allmrec.artifacts import RESOLVED_CONFIG, RunFolder, cf_top_n, user_reps
 from allmrec.config import Config, config_from_dict
-from allmrec.data.load import Prepared
 from allmrec.io import fingerprint, read_manifest, write_json_atomic
-from pipelines.common import init_ray, run_path
+from pipelines.common import clear_leftovers, init_ray
+from pipelines.fingerprints import model_identity, prompt_digest
 
 log = logging.getLogger("allmrec.score")
 CHUNK = 128
-
-
-def top_pool(cf, hists: list[np.ndarray], users: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """CF retrieval: the n best catalogue items per user, never an item of the history."""
-    x = torch.from_numpy(user_reps(cf, hists, users))
-    scores = x @ cf.item_embeddings().detach().float().T  # (B, n_items + 1)
-    scores[:, 0] = -torch.inf
-    for b, h in enumerate(hists):
-        scores[b, torch.as_tensor(np.asarray(h, dtype=np.int64))] = -torch.inf
-    top = torch.topk(scores, n, dim=1)
-    return top.indices.numpy(), top.values.numpy()
 
 
 class ChunkScorer:
@@ -48,12 +37,11 @@ class ChunkScorer:
         self.cfg = config_from_dict(cfg_dict)
         self.out = Path(out_dir)
         s = self.cfg.score
+        self.rf = RunFolder(self.cfg)
         if s.pool == "cf_topn":
-            self.rec, self.cf, self.prep = load_recommender(self.cfg, "allmrec")
+            self.rec, self.cf, self.prep = self.rf.load_recommender("allmrec")
         else:
-            from allmrec.cf import load_cf_model
-            self.rec, self.cf = None, load_cf_model(run_path(self.cfg, "cf")).eval()
-            self.prep = Prepared(run_path(self.cfg, "data"))
+            self.rec, self.cf, self.prep = None, self.rf.load_cf(), self.rf.prepared()
         self.seqs = dict(zip(self.prep.sequences["user"], self.prep.sequences["seq"]))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -65,9 +53,9 @@ class ChunkScorer:
             users = np.arange(lo, hi, dtype=np.int64)
             hists = [np.asarray(self.seqs[int(u)]) for u in users]
             n = max(s.top_k, s.pool_size) if s.pool == "cf_topn" else s.top_k
-            items, scores = top_pool(self.cf, hists, users, n)
+            reps = user_reps(self.cf, hists, users)
+            items, scores = cf_top_n(self.cf, hists, users, n, reps=reps)  # k may shrink for tiny catalogues
             if s.pool == "cf_topn":
-                reps = user_reps(self.cf, hists, users)
                 llm_scores = np.zeros(items.shape, dtype=np.float32)
                 bs = s.batch_size
                 for i in range(0, len(users), bs):
@@ -76,30 +64,44 @@ class ChunkScorer:
                 order = np.argsort(-llm_scores, axis=1, kind="stable")[:, :s.top_k]
                 items = np.take_along_axis(items, order, 1)
                 scores = np.take_along_axis(llm_scores, order, 1)
-            df = pd.DataFrame({"user": np.repeat(users, s.top_k).astype(np.int32),
-                               "rank": np.tile(np.arange(1, s.top_k + 1), len(users)).astype(np.int16),
-                               "item": items[:, :s.top_k].reshape(-1).astype(np.int32),
-                               "score": scores[:, :s.top_k].reshape(-1).astype(np.float32)})
-            final = self.out / f"part-{int(chunk):05d}.parquet"
-            tmp = self.out / f".part-{int(chunk):05d}.{uuid.uuid4().hex[:6]}.tmp"
+            k = min(s.top_k, items.shape[1])
+            df = pd.DataFrame({"user": np.repeat(users, k).astype(np.int32),
+                               "rank": np.tile(np.arange(1, k + 1), len(users)).astype(np.int16),
+                               "item": items[:, :k].reshape(-1).astype(np.int32),
+                               "score": scores[:, :k].reshape(-1).astype(np.float32)})
+            final = self.rf.score_part(int(chunk))
+            tmp = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:6]}.tmp")
             df.to_parquet(tmp)
             os.replace(tmp, final)  # a chunk file exists only when complete
             rows.append({"chunk": int(chunk), "users": len(users), "seconds": time.perf_counter() - t0})
         return pd.DataFrame(rows)
 
 
-def score(cfg: Config, force: bool = False) -> Path:
+def plan(cfg: Config) -> tuple[Path, str]:
+    """(output folder, fingerprint): the data, the score settings, the CF weights and, for the LLM
+    re-ranking (pool=cf_topn), A-LLMRec's Stage-1 and Stage-2, the LLM's identity and the prompt's text."""
+    rf = RunFolder(cfg)
     s = cfg.score
-    data_dir = run_path(cfg, "data")
-    m = read_manifest(data_dir)
-    if m is None or read_manifest(run_path(cfg, "cf")) is None:
-        raise FileNotFoundError("score needs prepare and train-cf outputs (and stage1/stage2 for pool=cf_topn)")
+    m = rf.require(rf.data, "allmrec prepare")
+    inputs: dict = {"data": m["fingerprint"], "eval_length_norm": cfg.eval.length_norm,
+                    "score": cfg.to_dict()["score"] | {"num_actors": None}, "cf_weights": rf.cf_identity()}
+    if s.pool == "cf_topn":
+        inputs |= {"stage1": rf.require(rf.stage1, rf.command("stage1"))["fingerprint"],
+                   "stage2": rf.require(rf.stage2("allmrec"), rf.command("stage2"))["fingerprint"],
+                   "llm": model_identity(cfg.stage2.llm, "llm"), "llm_dtype": cfg.stage2.llm_dtype,
+                   "prompt_settings": cfg.stage2.prompt(), "prompt": prompt_digest(cfg, "joint", True)}
+    return rf.scores, fingerprint(inputs)
+
+
+def score(cfg: Config, force: bool = False) -> Path:
+    """Top-k for every user, chunk by chunk (a killed run resumes at the first missing chunk); skipped when
+    complete with the same inputs and settings, redone from scratch when they changed or `force`."""
+    s = cfg.score
     if s.top_k < 1 or (s.pool == "cf_topn" and s.pool_size < s.top_k):
         raise ValueError(f"need 1 <= score.top_k <= score.pool_size, got {s.top_k}, {s.pool_size}")
-    out_dir = run_path(cfg, "scores")
-    fp = fingerprint({"data": m["fingerprint"], "score": cfg.to_dict()["score"],
-                      "cf": read_manifest(run_path(cfg, "cf"))["fingerprint"],
-                      "stage2": (read_manifest(run_path(cfg, "stage2")) or {}).get("fingerprint")})
+    rf = RunFolder(cfg)
+    out_dir, fp = plan(cfg)
+    clear_leftovers(out_dir)
     state = read_manifest(out_dir)
     if force or (state is not None and state.get("fingerprint") != fp):
         import shutil
@@ -110,10 +112,11 @@ def score(cfg: Config, force: bool = False) -> Path:
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "manifest.json", {"fingerprint": fp, "job": "score", "complete": False})
-    prep = Prepared(data_dir)
+    cfg.dump(out_dir / RESOLVED_CONFIG)
+    prep = rf.prepared()
     n_users = prep.n_train_users if s.max_users is None else min(s.max_users, prep.n_train_users)
     chunks = [(c, lo, min(lo + CHUNK, n_users)) for c, lo in enumerate(range(0, n_users, CHUNK))]
-    todo = [c for c in chunks if not (out_dir / f"part-{c[0]:05d}.parquet").exists()]
+    todo = [c for c in chunks if not rf.score_part(c[0]).exists()]
     log.info("score: %d of %d chunks to do (%d users each)", len(todo), len(chunks), CHUNK)
     t0 = time.perf_counter()
     if todo:

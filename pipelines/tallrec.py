@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from allmrec.artifacts import LORA, tallrec_dir
+from allmrec.artifacts import LORA, RunFolder
 from allmrec.config import Config, config_from_dict
 from allmrec.data.load import Prepared
-from allmrec.io import fingerprint, is_complete, read_manifest
-from pipelines.common import init_ray, make_trainer, run_path
-from pipelines.stage1 import _by_user, _collect
-from pipelines.stage2 import item_titles_from, load_frozen_llm, next_title_datasets, next_title_epochs, write_output
+from allmrec.io import fingerprint, read_manifest
+from pipelines.common import init_ray, make_trainer, up_to_date
+from pipelines.fingerprints import model_identity, prompt_digest
+from pipelines.next_title import load_frozen_llm, next_title_datasets, next_title_epochs, write_output
+from pipelines.workers import collect, collect_sorted, item_titles_from
 
 log = logging.getLogger("allmrec.tallrec")
 
@@ -64,12 +65,12 @@ def train_func(config: dict) -> None:
     all_counts = [None] * dist.get_world_size()
     dist.all_gather_object(all_counts, counts)
 
-    titles = item_titles_from(_collect(ray.train.get_dataset_shard("items")))
+    titles = item_titles_from(collect(ray.train.get_dataset_shard("items")))
     # The LLM-Only prompt: no projector, no item vectors, no user token.
     rec = LLMRecommender(engine.module.llm, tok, titles, cfg.data.domain, projector=None, item_vectors=None,
                          use_user_token=False, **s2.prompt())
     # sorted by user, every rank's order from one seed: as Stage-2, so both see the same batches
-    train = _by_user(_collect(ray.train.get_dataset_shard("train")))
+    train = collect_sorted(ray.train.get_dataset_shard("train"))
     next_title_epochs(engine, rec, train, None, cfg, name="tallrec", epochs=epochs, batch_size=t.batch_size,
                       export_prefix="llm.", weights_file=LORA, all_counts=all_counts,
                       fail_at_epoch=config.get("fail_at_epoch"), st_metadata={"format": "allmrec-lora"},
@@ -79,21 +80,21 @@ def train_func(config: dict) -> None:
 def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
             ds_overrides: dict | None = None) -> Path:
     t, s2 = cfg.tallrec, cfg.stage2
-    data_dir = run_path(cfg, "data")
-    m = read_manifest(data_dir)
-    if m is None:
-        raise FileNotFoundError(f"tallrec needs the prepare outputs in {data_dir} (run `allmrec prepare`)")
+    rf = RunFolder(cfg)
+    data_dir = rf.data
+    m = rf.require(data_dir, "allmrec prepare")
     epochs, max_users = budget(cfg)
-    out_dir = tallrec_dir(cfg)
+    out_dir = rf.tallrec
     # What the adapters depend on: the data, the seed, TALLRec's settings, and the LLM + prompt from stage2.
     fp = fingerprint({"data": m["fingerprint"], "seed": cfg.seed, "epochs": epochs, "max_users": max_users,
                       "tallrec": cfg.to_dict()["tallrec"] | {"num_workers": None, "use_gpu": None},
                       "llm": {k: getattr(s2, k) for k in ("llm", "llm_dtype", "bf16", "history_len", "max_title_tokens")},
                       "domain": cfg.to_dict()["data"]["domain"], "ds": ds_overrides,
+                      "llm_identity": model_identity(s2.llm, "llm"),
+                      "prompt": prompt_digest(cfg, "none", False),  # the LLM-Only prompt's text
                       **({"chat_prompt": True} if s2.chat_prompt else {}),
                       **({"fewshot": cfg.fewshot} if cfg.fewshot else {})})
-    if not force and is_complete(out_dir, fp):
-        log.info("tallrec: %s is up to date; use --force to retrain", out_dir)
+    if up_to_date("tallrec", out_dir, fp, force):
         return out_dir
     ray = init_ray(cfg)
     from allmrec.llm.loading import resolve_llm_source

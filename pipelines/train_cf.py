@@ -19,7 +19,8 @@ import pyarrow as pa
 import torch
 import torch.nn as nn
 
-from allmrec.cf import CF_MODELS, build_cf_model, load_cf_model
+from allmrec.artifacts import RESOLVED_CONFIG, RunFolder
+from allmrec.cf import CF_MODELS, build_cf_model
 from allmrec.cf.data import pad_left, sample_negatives
 from allmrec.cf.trainer import evaluate_candidates, popularity_scores
 from allmrec.config import Config, config_from_dict
@@ -27,10 +28,11 @@ from allmrec.data import schema
 from allmrec.data.load import Prepared
 from allmrec.data.sampling import STREAM_NEG100, user_rng
 from allmrec.data.sampling import sample_negatives as seeded_negs  # per user; cf.data's is per batch
-from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
+from allmrec.io import atomic_dir, fingerprint, read_manifest
 from allmrec.metrics import ranks_from_scores, summarize
-from pipelines.common import init_ray, make_trainer, run_path, training_users
+from pipelines.common import init_ray, make_trainer, training_users, up_to_date
 from pipelines.rows import cf_train_rows, cf_valid_rows
+from pipelines.workers import collect_sorted
 
 log = logging.getLogger("allmrec.train_cf")
 
@@ -44,15 +46,6 @@ class _Loss(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.training_loss(batch)
-
-
-def _collect(shard, key: str) -> dict[str, np.ndarray]:
-    """A worker's whole shard, sorted by `key` (one row per user): Ray Data delivers blocks in whatever
-    order its tasks finish, and the epoch permutations must index the same rows in every run."""
-    parts = list(shard.iter_batches(batch_size=4096, batch_format="numpy"))
-    rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    idx = np.argsort(rows[key], kind="stable")
-    return {k: v[idx] for k, v in rows.items()}
 
 
 def train_func(config: dict) -> None:
@@ -85,10 +78,12 @@ def train_func(config: dict) -> None:
         opt.load_state_dict(state["opt"])
         best_state = state["best_model"]
         start, history, best, bad = state["epoch"] + 1, json.loads(state["history"]), state["best"], state["bad"]
-    valid = _collect(ray.train.get_dataset_shard("valid"), "user")
+    # sorted by user: Ray Data delivers blocks in whatever order its tasks finish, and the epoch
+    # permutations must index the same rows in every run
+    valid = collect_sorted(ray.train.get_dataset_shard("valid"), "user")
     # The shard arrives once through Ray Data and is kept in worker memory (O(users x max_len) ints):
     # re-streaming it every epoch cost more than the epoch itself on small sets.
-    train = _collect(ray.train.get_dataset_shard("train"), "users")
+    train = collect_sorted(ray.train.get_dataset_shard("train"), "users")
     n_rows = len(train["users"])
     device = next(model.parameters()).device
 
@@ -123,6 +118,8 @@ def train_func(config: dict) -> None:
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 bad += 1
+        # the epoch's wall time, and when it ended: a resumed run's summary tells its epochs from earlier ones
+        rec.update(epoch_s=round(time.perf_counter() - t0, 3), finished_at=time.time())
         history.append(rec)
         stop = bad >= c.patience
         if rank == 0:
@@ -138,17 +135,17 @@ def train_func(config: dict) -> None:
 
 
 def train_cf(cfg: Config, force: bool = False, fail_at_epoch: int | None = None) -> Path:
-    data_dir = run_path(cfg, "data")
-    m = read_manifest(data_dir)
-    if m is None:
-        raise FileNotFoundError(f"{data_dir} has no prepared data: run `allmrec prepare` first")
+    """Train `cfg.cf.model` into cf/<model>/ (other CF models of the run folder are left alone)."""
+    rf = RunFolder(cfg)
+    data_dir = rf.data
+    m = rf.require(data_dir, "allmrec prepare")
     c = cfg.cf
     if c.model not in CF_MODELS:
         raise ValueError(f"unknown CF model {c.model!r}; known: {sorted(CF_MODELS)}")
-    out_dir = run_path(cfg, "cf", c.model) if c.model != "sasrec" else run_path(cfg, "cf")
+    out_dir = rf.cf_dir()
     # models built from the items' text (MoRec) need `allmrec encode`'s output, and retrain when it changes
     needs_text = getattr(CF_MODELS[c.model], "needs_text_embeddings", False)
-    enc_dir = run_path(cfg, "encode")
+    enc_dir = rf.encode
     m_enc = read_manifest(enc_dir) if needs_text else None
     if needs_text and m_enc is None:
         raise FileNotFoundError(f"cf.model={c.model} builds its item embeddings from the items' SBERT vectors, "
@@ -157,16 +154,19 @@ def train_cf(cfg: Config, force: bool = False, fail_at_epoch: int | None = None)
                                                                            "max_failures": None},
                       "seed": cfg.seed, **({"fewshot": cfg.fewshot} if cfg.fewshot else {}),
                       **({"encode": m_enc["fingerprint"]} if needs_text else {})})
-    if not force and is_complete(out_dir, fp):
-        log.info("train-cf: %s is up to date; use --force to retrain", out_dir)
+    if up_to_date("train-cf", out_dir, fp, force):
         return out_dir
+    found = rf.cf_found()
+    if not force and found is not None and found != out_dir and (read_manifest(found) or {}).get("fingerprint") == fp:
+        log.info("train-cf: %s (an older run folder's layout) is up to date; use --force to retrain", found)
+        return found
     ray = init_ray(cfg)
     prep = Prepared(data_dir)
     inputs = {}
     if needs_text:
         from allmrec.cf.morec import load_text_embeddings
         inputs["text_emb"] = load_text_embeddings(enc_dir, prep.n_items)
-    t0 = time.perf_counter()
+    t0, t0_wall = time.perf_counter(), time.time()
     seq_ds = ray.data.read_parquet(str(data_dir / schema.SEQUENCES))
     keep = training_users(cfg, prep, None)  # few-shot: learn from the K users only
     if keep is not None:
@@ -197,8 +197,9 @@ def train_cf(cfg: Config, force: bool = False, fail_at_epoch: int | None = None)
         model.save(tmp)
         _write_embeddings(prep, model, tmp)
         (tmp / "metrics.json").write_text(json.dumps({"history": history, "test": test,
-                                                     "train_seconds": round(train_s, 1)}, indent=2))
-        cfg.dump(tmp / "config.yaml")
+                                                     "train_seconds": round(train_s, 1),
+                                                     **run_and_attempt(history, t0_wall, train_s)}, indent=2))
+        cfg.dump(tmp / RESOLVED_CONFIG)
         (tmp / schema.MANIFEST).write_text(json.dumps({
             "fingerprint": fp, "job": "train-cf", "model": c.model, "epochs_run": len(history),
             "train_seconds": round(train_s, 1), "workers": c.num_workers, "test": test}, indent=2))
@@ -259,14 +260,27 @@ def _write_embeddings(prep: Prepared, model, out: Path) -> None:
                              "x_u": pa.array(rows_x, pa.list_(pa.float32()))}), out / "user_reps.parquet")
 
 
+def run_and_attempt(history: list[dict], started_at: float, train_s: float) -> dict:
+    """The whole run against this attempt (this command): a run resumed from an earlier attempt's
+    checkpoint has epochs in `history` that finished before `started_at`. Whole-run time is the sum of
+    the epochs' wall times (start-ups and the gap between attempts are not training)."""
+    mine = [h["epoch"] for h in history if h.get("finished_at", started_at) >= started_at]
+    return {"run": {"epochs": len(history), "epoch_seconds": round(sum(h.get("epoch_s", 0.0) for h in history), 1)},
+            "attempt": {"first_epoch": mine[0] if mine else None, "last_epoch": mine[-1] if mine else None,
+                        "epochs": len(mine), "seconds": round(train_s, 1)}}
+
+
 def summary(out_dir: Path) -> str:
     m = json.loads((out_dir / "metrics.json").read_text())
     t = m["test"]
-    lines = [f"trained {read_manifest(out_dir)['model']} in {m['train_seconds']} s ({len(m['history'])} epochs) -> {out_dir}"]
+    model, run, att = read_manifest(out_dir)["model"], m.get("run"), m.get("attempt")
+    if run and att and att["epochs"] < run["epochs"]:  # resumed: the whole run, then this attempt
+        done = (f"epochs {att['first_epoch']}-{att['last_epoch']}" if att["epochs"] > 1 else
+                f"epoch {att['first_epoch']}" if att["epochs"] else "no epoch (its training had finished)")
+        lines = [f"trained {model}: {run['epochs']} epochs, {run['epoch_seconds']:,} s of epochs over the whole run; "
+                 f"this attempt trained {done} in {att['seconds']:,} s -> {out_dir}"]
+    else:
+        lines = [f"trained {model} in {m['train_seconds']} s ({len(m['history'])} epochs) -> {out_dir}"]
     for k, v in t.items():
         lines.append(f"  {k:18s} hit@1 {v['hit@1']:.4f}  hit@5 {v['hit@5']:.4f}  ndcg@10 {v['ndcg@10']:.4f}  (n={v['n']})")
     return "\n".join(lines)
-
-
-def load_trained_cf(cfg: Config):
-    return load_cf_model(run_path(cfg, "cf"))

@@ -10,7 +10,7 @@ datasets=("${@:-ml100k scientific}")
 for ds in ${datasets[@]}; do
   base="runs/sweep-$ds-data"
   $PY -m pipelines.cli prepare --config "configs/$ds.yaml" "run_dir=$base"
-  for model in sasrec gru4rec nextitnet ncf; do
+  for model in sasrec gru4rec nextitnet ncf; do  # each into its run folder's cf/<model>/
     dir="runs/sweep-$ds-$model"
     mkdir -p "$dir"
     ln -sfn "$(realpath "$base/data")" "$dir/data"   # one prepared copy, read by all four models

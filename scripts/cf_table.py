@@ -4,18 +4,19 @@
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from allmrec.artifacts import MissingArtifact, RunFolder
+from allmrec.config import load_config
 
 
 def row(run: Path) -> str | None:
     model = run.name.rsplit("-", 1)[1]
-    # the default model (sasrec) writes cf/, the others cf/<model>/
-    m_path = next((p for p in (run / "cf" / "manifest.json", run / "cf" / model / "manifest.json") if p.exists()), None)
-    if m_path is None:
+    try:
+        m = RunFolder(load_config(None, [f"run_dir={run}", f"cf.model={model}"])).cf_manifest()
+    except (MissingArtifact, ValueError):  # not trained (yet), or not a CF model's name
         return None
-    m = json.loads(m_path.read_text())
     t = m["test"]
     ds = run.name.removeprefix("sweep-").rsplit("-", 1)[0]
     f = lambda k, key="hit@1": f"{t[k][key]:.4f}" if k in t else ""  # noqa: E731

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allmrec.artifacts import load_recommender, user_reps  # noqa: E402
+from allmrec.artifacts import RunFolder, load_recommender, user_reps  # noqa: E402
 from allmrec.cf.trainer import popularity_scores, score_candidates  # noqa: E402
 from allmrec.config import load_config  # noqa: E402
 from allmrec.data.load import Prepared  # noqa: E402
@@ -128,7 +128,7 @@ def train_rows(cfg, prep: Prepared, n: int):
     from pipelines.common import training_users
     from pipelines.rows import next_title_examples
     from allmrec.data import schema
-    seqs = pq.read_table(Path(cfg.run_dir) / "data" / schema.SEQUENCES)
+    seqs = pq.read_table(RunFolder(cfg).data / schema.SEQUENCES)
     keep = training_users(cfg, prep, cfg.stage2.max_users)
     if keep is not None:
         seqs = seqs.filter(np.isin(seqs["user"].to_numpy(), sorted(keep)))
@@ -153,7 +153,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = load_config(a.config, [*a.overrides, f"eval.max_users={a.users}"])
     from pipelines.evaluate import eval_rows  # the same seeded users and candidates as `allmrec evaluate`
-    prep = Prepared(Path(cfg.run_dir) / "data")
+    prep = RunFolder(cfg).prepared()
     if a.split == "train":
         rows = train_rows(cfg, prep, a.users)
     else:

@@ -92,7 +92,7 @@ def stage2_step(config: dict) -> None:
     from allmrec.llm.stage2 import Stage2Projector
     from allmrec.recommender import Example, LLMRecommender, Stage2Module
     from pipelines import engine as eng
-    from pipelines.stage2 import load_frozen_llm
+    from pipelines.next_title import load_frozen_llm
 
     torch.set_num_threads(1)
     rank = ray.train.get_context().get_world_rank()

@@ -102,3 +102,52 @@ def test_cf_top_n_never_returns_padding_or_history():
     again, _ = cf_top_n(cf, hists, np.array([0, 1]), 3, reps=x)
     assert (again == items[:, :3]).all()
     assert CF_WEIGHTS == "model.safetensors"
+
+
+def test_a_killed_jobs_leftovers_are_removed_by_its_next_run(tmp_path):
+    from allmrec.io import atomic_dir
+    from pipelines.common import clear_leftovers, up_to_date
+
+    out = tmp_path / "stage2"
+    with atomic_dir(out) as tmp:
+        (tmp / "manifest.json").write_text(json.dumps({"fingerprint": "fp1"}))
+    left = [tmp_path / "stage2.tmp-0a1b2c3d", tmp_path / "stage2.old-9f8e7d6c", out / ".manifest.json.tmp-1234abcd",
+            out / ".part-00002.ab12cd.tmp"]
+    keep = [tmp_path / "stage1.tmp-0a1b2c3d", tmp_path / "stage2x.tmp-0a1b2c3d", out / "mlp-u1", out / "loss.png"]
+    for p in left[:2] + keep[:3]:
+        p.mkdir()
+    for p in left[2:] + keep[3:]:
+        p.write_text("x")
+    assert not up_to_date("stage2", out, "fp2", force=False)  # another fingerprint: redo
+    assert all(not p.exists() for p in left) and all(p.exists() for p in keep)
+    assert up_to_date("stage2", out, "fp1", force=False) and not up_to_date("stage2", out, "fp1", force=True)
+    assert clear_leftovers(tmp_path / "never-written") == []
+
+
+def test_fingerprint_parts_follow_the_prompt_text_and_model_files(tmp_path, monkeypatch):
+    from allmrec.llm import prompt
+    from pipelines.fingerprints import model_identity, prompt_digest, prompt_text
+
+    cfg = load_config("configs/ml100k.yaml")
+    text = prompt_text(cfg)
+    assert "Recommend a movie for this user to watch next" in text and "[user]" in text and "[item]" in text
+    assert "[user]" not in prompt_text(cfg, "none", False) and "[item]" not in prompt_text(cfg, "none", False)
+    before, position = prompt_digest(cfg), cfg.stage2.item_token_position
+    cfg.stage2.item_token_position = "after" if position == "before" else "before"
+    assert prompt_digest(cfg) != before  # the layout is in the text
+    cfg.stage2.item_token_position = position
+    init = prompt.PromptBuilder.__init__
+
+    def edited(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self._history_outro = " before."
+    monkeypatch.setattr(prompt.PromptBuilder, "__init__", edited)
+    assert prompt_digest(cfg) != before  # an edited template word
+
+    llm = tmp_path / "llm"
+    llm.mkdir()
+    (llm / "config.json").write_text("{}")
+    first = model_identity(str(llm), "llm")
+    (llm / "config.json").write_text('{"hidden_size": 8}')
+    assert model_identity(str(llm), "llm") != first
+    assert model_identity("packaged:SmolLM2-135M-Instruct", "llm").get("version")

@@ -75,13 +75,28 @@ def test_stage2_continues_a_finished_run_and_resumes_after_a_failure(trained_tin
     assert "already has 3 epochs" in capsys.readouterr().err
 
 
-def test_evaluate_writes_a_parseable_report(trained_tiny):
+def test_stage1_and_stage2_record_the_cf_weights_they_read(trained_tiny):
+    from allmrec.artifacts import RunFolder
+    cfg, s2 = trained_tiny
+    rf = RunFolder(cfg)
+    ident = {"model": "sasrec", "sha256": rf.cf_checksum()}
+    for folder in (rf.stage1, s2):
+        assert json.loads((folder / "manifest.json").read_text())["cf_weights"] == ident
+    assert (rf.stage1 / "config.yaml").is_file() and (s2 / "config.yaml").is_file()
+
+
+def _eval_cfg(trained_tiny):
     from allmrec.config import config_from_dict
-    from pipelines.evaluate import evaluate
     cfg = config_from_dict(trained_tiny[0].to_dict())
     cfg.eval.max_users, cfg.eval.mode, cfg.eval.batch_size = 6, "both", 3
-    cfg.eval.variants = ["sasrec", "most_popular", "llm_only", "allmrec"]
+    cfg.eval.variants = ["cf", "most_popular", "llm_only", "allmrec"]
     cfg.eval.max_new_tokens = 4
+    return cfg
+
+
+def test_evaluate_writes_a_parseable_report(trained_tiny):
+    from pipelines.evaluate import evaluate
+    cfg = _eval_cfg(trained_tiny)
     out = evaluate(cfg)
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["metrics"]) == {"sasrec", "most_popular", "llm_only", "allmrec"}
@@ -93,6 +108,39 @@ def test_evaluate_writes_a_parseable_report(trained_tiny):
     assert "| allmrec |" in md and (out / "hit1.png").stat().st_size > 0
     res = pd.read_parquet(out / "results.parquet")
     assert len(res[res.variant == "allmrec"]) == len(res[res.variant == "sasrec"])
+    assert (out / "config.yaml").is_file() and json.loads((out / "manifest.json").read_text())["job"] == "evaluate"
+
+
+def test_an_edited_prompt_template_reruns_stage2_and_evaluate(trained_tiny, monkeypatch):
+    """Unchanged inputs: Stage-2 and evaluate are skipped. A changed prompt text (the template's words):
+    both run again (here they stop at their first Ray call, which a skipped job never makes)."""
+    from allmrec.llm import prompt
+    from pipelines import evaluate as ev
+    from pipelines import stage2 as s2
+
+    cfg, out = trained_tiny
+    ecfg = _eval_cfg(trained_tiny)
+    report = ev.evaluate(ecfg)  # up to date when test_evaluate_writes_a_parseable_report ran first
+
+    def rerun(_cfg):
+        raise RuntimeError("runs again")
+    monkeypatch.setattr(s2, "init_ray", rerun)
+    monkeypatch.setattr(ev, "init_ray", rerun)
+    stamps = [(p / "manifest.json").stat().st_mtime_ns for p in (out, report)]
+    s2.stage2(cfg, ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})  # skipped
+    ev.evaluate(ecfg)  # skipped
+    assert [(p / "manifest.json").stat().st_mtime_ns for p in (out, report)] == stamps
+
+    init = prompt.PromptBuilder.__init__
+
+    def edited(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self._ask = self._ask.replace("Recommend", "Suggest")
+    monkeypatch.setattr(prompt.PromptBuilder, "__init__", edited)
+    with pytest.raises(RuntimeError, match="runs again"):
+        s2.stage2(cfg, ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    with pytest.raises(RuntimeError, match="runs again"):
+        ev.evaluate(ecfg)
 
 
 def test_score_is_complete_and_resumable(trained_tiny, monkeypatch):
@@ -101,7 +149,12 @@ def test_score_is_complete_and_resumable(trained_tiny, monkeypatch):
     monkeypatch.setattr(sc, "CHUNK", 4)
     cfg = config_from_dict(trained_tiny[0].to_dict())
     cfg.score.max_users, cfg.score.top_k, cfg.score.pool_size = 10, 3, 5
+    from allmrec.artifacts import RunFolder
+    leftover = RunFolder(cfg).scores.with_name("scores.tmp-0123abcd")  # a killed run's temporary folder
+    leftover.mkdir(parents=True, exist_ok=True)
     out = sc.score(cfg)
+    assert not leftover.exists()  # removed by the next run of the job
+    assert (out / "config.yaml").is_file()
     parts = sorted(out.glob("part-*.parquet"))
     assert len(parts) == 3
     df = pd.concat([pq.read_table(p).to_pandas() for p in parts])
@@ -117,3 +170,8 @@ def test_score_is_complete_and_resumable(trained_tiny, monkeypatch):
     sc.score(cfg)
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["users_scored_this_run"] == 2
+    monkeypatch.setattr(sc, "init_ray", lambda _cfg: (_ for _ in ()).throw(RuntimeError("runs again")))
+    sc.score(cfg)  # complete and unchanged: skipped
+    cfg.score.top_k = 2
+    with pytest.raises(RuntimeError, match="runs again"):
+        sc.score(cfg)  # another setting: redone

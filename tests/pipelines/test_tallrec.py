@@ -27,7 +27,7 @@ def _save_tiny_llama(folder: Path) -> Path:
 def tallrec_run(tiny_cfg_factory, tmp_path_factory):
     """The tiny prepared data and TALLRec on the tiny Llama, 2 workers under ZeRO-3. TALLRec needs no CF
     model, Stage-1 or Stage-2 (so not `trained_tiny`); the loader reads a CF folder: an untrained one."""
-    from allmrec.artifacts import run_dir
+    from allmrec.artifacts import RunFolder
     from allmrec.cf import build_cf_model
     from allmrec.data.load import Prepared
     from pipelines.tallrec import tallrec
@@ -36,8 +36,9 @@ def tallrec_run(tiny_cfg_factory, tmp_path_factory):
     # epochs / max_users unset in tallrec: Stage-2's (2, 24) are used
     cfg = tiny_cfg_factory(f"stage2.llm={llm}", "stage2.max_users=24", "stage2.epochs=2", "tallrec.num_workers=2",
                            "tallrec.lr=0.005", f"tallrec.lora_r={R}", run="tallrec")
-    prep = Prepared(run_dir(cfg, "data"))
-    build_cf_model(cfg.cf.model, prep.n_items, prep.n_train_users, vars(cfg.cf)).save(run_dir(cfg, "cf"))
+    rf = RunFolder(cfg)
+    prep = Prepared(rf.data)
+    build_cf_model(cfg.cf.model, prep.n_items, prep.n_train_users, vars(cfg.cf)).save(rf.cf_dir())
     return cfg, tallrec(cfg, ds_overrides=DS)
 
 

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from allmrec.artifacts import RunFolder
 from allmrec.cf import MoRec, load_cf_model
 from allmrec.data.load import Prepared
 from pipelines import train_cf as job
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.ray
 
 def _fake_encode(cfg, n_items: int, dim: int = 24, fp: str = "enc-1") -> np.ndarray:
     """What `allmrec encode` leaves behind (vectors random instead of SBERT's: this tests the hand-over)."""
-    out = job.run_path(cfg, "encode")
+    out = RunFolder(cfg).encode
     (out / "text_emb.parquet").mkdir(parents=True, exist_ok=True)
     vecs = np.random.default_rng(0).normal(size=(n_items + 1, dim)).astype(np.float32)
     vecs[0] = 0
@@ -33,11 +34,11 @@ def test_morec_job_needs_encode_then_trains_and_saves_a_self_contained_model(tin
     cfg = tiny_cfg_factory("cf.model=morec", "cf.epochs=2", "cf.patience=50", "cf.lr=0.01", run="morec")
     with pytest.raises(FileNotFoundError, match="allmrec encode"):
         job.train_cf(cfg)
-    n_items = Prepared(job.run_path(cfg, "data")).n_items
+    n_items = Prepared(RunFolder(cfg).data).n_items
     vecs = _fake_encode(cfg, n_items)
 
     out = job.train_cf(cfg)
-    assert out == job.run_path(cfg, "cf", "morec")
+    assert out == RunFolder(cfg).cf_dir("morec")
     m = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in m["history"]] == [1, 2] and "model" in m["test"]
     model = load_cf_model(out)  # the cf/ folder alone: the text vectors travel in model.safetensors
