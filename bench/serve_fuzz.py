@@ -1,6 +1,6 @@
 """Benchmark: fuzz the service from its own OpenAPI schema (schemathesis) and count the status codes.
 
-    python -m bench.serve_fuzz                       # 300 POST /v1/recommend cases + the GET endpoints
+    python -m bench.serve_fuzz                       # 300 schema cases + the GET endpoints + 700 malformed
     python -m bench.serve_fuzz --cases 90 --max-seconds 120
 
 Loopback only, bounded in cases and in seconds. Needs no trained run: the real Serve app
@@ -17,11 +17,23 @@ and are sent one at a time; POST /v1/recommend gets three groups of --cases / 3:
 Every response is checked with schemathesis's not_a_server_error, status_code_conformance,
 content_type_conformance, response_schema_conformance and negative_data_rejection. Expected: no 5xx for
 any client input, and every answer is one the schema documents.
+
+Then --malformed raw requests that a schema-driven generator never writes (issue 19), from a seeded
+generator, each family with the status it must get (always short ASCII JSON with a `detail`):
+
+  non_finite    NaN / Infinity / -Infinity / 1e400-like literals in any number slot of a valid body -> 422
+  surrogate     lone surrogate escapes (\\ud800..\\udfff) in any string slot or key of a valid body -> 422
+  big_headers   one header of 17 KB .. 1 MB, or 65 .. 2,000 headers                            -> 431
+  short_body    a body shorter than its Content-Length (raw socket): -> 408 after body_timeout_s;
+                a body cut short with a matching Content-Length (truncated JSON)               -> 422
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
+import socket
 import tempfile
 import time
 import zlib
@@ -131,6 +143,141 @@ def fuzz(schema, url: str, path: str, method: str, mode, n: int, seed: int, dead
     return out
 
 
+BODY_TIMEOUT_S = 1.0  # the fuzzed service's Tuning.body_timeout_s (short: every short_body case waits for it)
+
+
+def _valid_body(rng: random.Random, users: list[int], items: int) -> dict:
+    b: dict = {"k": rng.randint(1, 5), "candidates": rng.sample(range(1, items + 1), 4) + ["n1"],
+               "new_items": [{"id": "n1", "title": "solar lamp", "description": "a camping lamp"}]}
+    if rng.random() < 0.5:
+        b["user_id"] = rng.choice(users)
+    else:
+        b["history"] = rng.sample(range(1, items + 1), rng.randint(1, 5))
+    return b
+
+
+def malformed_case(rng: random.Random, family: str, users: list[int], items: int) -> dict:
+    """One raw request: {family, body (bytes), headers, expect (set of statuses), short (bytes missing)}."""
+    b = _valid_body(rng, users, items)
+    headers = {"content-type": "application/json"}
+    if family == "non_finite":
+        lit = rng.choice(["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1e309", "-2.5e999"])
+        slots = ["k", "cand", "title", "id"] + (["user_id"] if "user_id" in b else ["hist"])
+        slot, mark = rng.choice(slots), "\u0000MARK\u0000"
+        if slot in ("k", "user_id"):
+            b[slot] = mark
+        elif slot == "cand":
+            b["candidates"][rng.randrange(4)] = mark
+        elif slot == "hist":
+            b["history"][rng.randrange(len(b["history"]))] = mark
+        else:
+            b["new_items"][0][slot] = mark
+        raw = json.dumps(b).replace(json.dumps(mark), lit)
+        return {"family": family, "body": raw.encode(), "headers": headers, "expect": {422}}
+    if family == "surrogate":
+        esc = "\\u%04x" % rng.randint(0xD800, 0xDFFF)
+        slot, mark = rng.choice(["title", "description", "id", "mode", "key", "cand"]), "@@MARK@@"
+        if slot == "key":
+            b[mark] = 1
+        elif slot == "cand":
+            b["candidates"][rng.randrange(4)] = mark
+        elif slot == "mode":
+            b["mode"] = mark
+        else:
+            b["new_items"][0][slot] = "x" + mark + "y"
+        raw = json.dumps(b).replace(mark, esc * rng.randint(1, 3))
+        return {"family": family, "body": raw.encode(), "headers": headers, "expect": {422}}
+    if family == "big_headers":
+        if rng.random() < 0.5:
+            headers["x-big"] = "a" * rng.randint(17_000, 1_000_000)
+        else:
+            headers.update({f"x-h{i}": str(i) for i in range(rng.randint(65, 2000))})
+        return {"family": family, "body": json.dumps(b).encode(), "headers": headers, "expect": {431}}
+    raw = json.dumps(b).encode()
+    cut = rng.randint(1, len(raw) - 1)
+    if rng.random() < 0.5:  # the client stops sending: the Content-Length promises more than comes
+        return {"family": family, "body": raw[:cut], "headers": headers, "expect": {408}, "short": len(raw) - cut}
+    return {"family": family, "body": raw[:cut], "headers": headers, "expect": {422, 400}}
+
+
+def _send_short(url: str, case: dict) -> tuple[int, str, bytes]:
+    """POST with a Content-Length `short` bytes beyond the body actually sent; read the answer."""
+    from urllib.parse import urlparse
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=BODY_TIMEOUT_S + 60) as sock:
+        head = (f"POST /v1/recommend HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(case['body']) + case['short']}\r\n\r\n").encode()
+        sock.sendall(head + case["body"])
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            top, _, rest = data.partition(b"\r\n\r\n")
+            n = [int(x.split(b":")[1]) for x in top.split(b"\r\n") if x.lower().startswith(b"content-length:")]
+            if n and len(rest) >= n[0]:
+                break
+    top, _, body = data.partition(b"\r\n\r\n")
+    lines = top.split(b"\r\n")
+    ctype = next((x.split(b":", 1)[1].strip().decode() for x in lines if x.lower().startswith(b"content-type:")), "")
+    return int(lines[0].split()[1]), ctype, body
+
+
+def fuzz_malformed(url: str, n: int, seed: int, users: list[int], items: int, deadline: float) -> list[dict]:
+    """n raw malformed requests (families in turn): one result row per family."""
+    import requests
+    rng = random.Random(seed)
+    families = ["non_finite", "surrogate", "big_headers", "short_body"]
+    stats = {f: {"sent": 0, "codes": Counter(), "bad": Counter(), "lat": [], "examples": []} for f in families}
+    session = requests.Session()
+    for i in range(n):
+        if time.perf_counter() > deadline:
+            break
+        fam = families[i % len(families)]
+        case = malformed_case(rng, fam, users, items)
+        t = time.perf_counter()
+        if "short" in case:
+            status, ctype, body = _send_short(url, case)
+        else:
+            r = session.post(url + "/v1/recommend", data=case["body"], headers=case["headers"], timeout=120)
+            status, ctype, body = r.status_code, r.headers.get("content-type", ""), r.content
+        st = stats[fam]
+        st["lat"].append(time.perf_counter() - t)
+        st["sent"] += 1
+        st["codes"][status] += 1
+        problems = []
+        if status >= 500:
+            problems.append("5xx")
+        if status not in case["expect"]:
+            problems.append("unexpected status")
+        try:
+            ok_json = ctype.startswith("application/json") and body.isascii() and bool(json.loads(body)["detail"])
+        except (ValueError, KeyError, TypeError):
+            ok_json = False
+        if not ok_json:
+            problems.append("not short ASCII JSON with a detail")
+        elif len(body) > 4000:
+            problems.append("long error body")
+        for p in problems:
+            st["bad"][p] += 1
+        if problems and len(st["examples"]) < EXAMPLES_KEPT:
+            st["examples"].append({"body": repr(case["body"][:300]), "headers": len(case["headers"]), "status": status,
+                                   "response": repr(body[:300]), "problems": problems})
+    session.close()
+    rows = []
+    for fam, st in stats.items():
+        codes = {str(k): v for k, v in sorted(st["codes"].items())}
+        rows.append({"operation": "POST /v1/recommend", "group": f"malformed:{fam}", "sent": st["sent"],
+                     "status_codes": codes, "codes": " ".join(f"{c}:{v}" for c, v in codes.items()) or "-",
+                     **{f"n_{k}xx": sum(v for c, v in codes.items() if c[0] == k) for k in "2345"},
+                     "check_failures": dict(st["bad"]), "n_check_failures": sum(st["bad"].values()),
+                     "examples": st["examples"], "p50_s": float(np.median(st["lat"])) if st["lat"] else None,
+                     "max_s": float(max(st["lat"])) if st["lat"] else None, "loadavg_1m": loadavg()[0]})
+        print(f"malformed [{fam}]: {st['sent']} sent, codes {codes}, problems {dict(st['bad']) or 'none'}", flush=True)
+    return rows
+
+
 def _run(args, result: dict, tmp: Path) -> None:
     """Build the tiny run in tmp, start the service, fuzz it (rows into result); the caller stops it."""
     import requests
@@ -152,7 +299,8 @@ def _run(args, result: dict, tmp: Path) -> None:
         return into_catalogue(body, prep.n_items, users, s.max_history, s.max_candidates)
 
     t0 = time.perf_counter()
-    url = start(cfg, blocking=False)  # default Tuning: the queues of a production deployment
+    # default Tuning (the queues of a production deployment) but a short body deadline: short_body waits for it
+    url = start(cfg, blocking=False, tuning={"body_timeout_s": BODY_TIMEOUT_S})
     result["startup_s"] = round(time.perf_counter() - t0, 1)
     config = schemathesis.Config.from_dict({"checks": {"negative_data_rejection": {
         "expected-statuses": REJECTIONS}}})  # explicit: no schemathesis.toml is discovered either
@@ -177,6 +325,11 @@ def _run(args, result: dict, tmp: Path) -> None:
         result["rows"].append(row)
         print(f"{method} {path} [{group}]: {r['sent']} sent, codes {r['codes']}, "
               f"check failures {r['check_failures'] or 'none'}; the 200s had {r['answered_kinds']}", flush=True)
+    if args.malformed:
+        t = time.perf_counter()
+        for row in fuzz_malformed(url, args.malformed, args.seed, users, prep.n_items, deadline):
+            row["seconds"] = round(time.perf_counter() - t, 1)
+            result["rows"].append(row)
     result["fuzz_s"] = round(time.perf_counter() - t_fuzz, 1)
     result["healthz_after"] = requests.get(url + "/healthz", timeout=30).status_code
 
@@ -185,6 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, default=300, help="POST /v1/recommend cases, split over the 3 groups")
     ap.add_argument("--get-cases", type=int, default=10, help="cases of each GET endpoint")
+    ap.add_argument("--malformed", type=int, default=700,
+                    help="raw malformed requests (non-finite numbers, lone surrogates, big headers, short bodies)")
     ap.add_argument("--max-seconds", type=float, default=900, help="no new request after this (fuzzing only)")
     ap.add_argument("--seed", type=int, default=0, help="hypothesis seed (the same cases on the same schema)")
     ap.add_argument("--replica-logs", action="store_true",
