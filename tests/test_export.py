@@ -203,3 +203,24 @@ def test_cli_export(tmp_path, tiny, capsys):
     assert "--force" in capsys.readouterr().err
     assert main(["export", cfg.run_dir, str(tmp_path / "x"), "--variant", "allmrc"]) == 1
     assert "unknown LLM variant" in capsys.readouterr().err
+
+
+def test_the_service_serves_an_export_as_the_library_does(tiny):
+    """serve/'s CF and LLM deployments (their classes, without Ray) load the exported folder and answer what
+    `ALLMRec.recommend` answers (what `allmrec serve --config OUT/config.yaml` runs)."""
+    from allmrec import ALLMRec
+    from allmrec.recommender import candidate_order
+    from serve.deployments import CFDeployment, LLMDeployment
+    _, out = tiny
+    cfg = load_config(out / "config.yaml")
+    cf = CFDeployment.func_or_class(cfg.to_dict(), 1)
+    llm = LLMDeployment.func_or_class(cfg.to_dict(), "allmrec")
+    m = ALLMRec.from_pretrained(out)
+    for user in (3, 5):
+        r = cf.represent(user, None, cfg.score.pool_size)
+        cands = candidate_order(r["candidates"], cfg.seed, user=user, history=r["history"])
+        (served,) = llm._run_batch([{"user_rep": r["user_rep"], "history": r["history"], "candidates": cands,
+                                     "new_items": {}, "mode": "rank", "k": 4}])
+        lib = m.recommend(user_id=user, k=4)
+        assert [i for i, _, _ in served["items"]] == [x["item"] for x in lib]
+        np.testing.assert_allclose([s for _, _, s in served["items"]], [x["score"] for x in lib], atol=1e-5)
