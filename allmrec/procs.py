@@ -37,6 +37,16 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def reclaim_sigterm() -> None:
+    """Put Python's SIGTERM handler back in charge after a library installed a C-level one behind Python's
+    back: Ray's core worker installs absl's failure-signal handler, which on SIGTERM dumps a stack and
+    aborts the driver (no `finally`, no ray.shutdown). Call it right after ray.init (main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.getsignal(signal.SIGTERM)
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+
+
 def descendants() -> set[int]:
     """Pids of every live descendant of this process."""
     import psutil

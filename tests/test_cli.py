@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,6 +77,13 @@ def test_run_folder_checked_before_ray(tmp_path, capsys, monkeypatch):
     assert "0.10 GiB free, less than the 1 GiB a job needs" in err and len(err.splitlines()) == 1
 
 
+def _cmdline(p) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except Exception:  # noqa: BLE001  (ended, zombie, or gone)
+        return ""
+
+
 def _session_of(procs) -> str | None:
     for p in procs:
         try:
@@ -97,24 +105,38 @@ def test_sigterm_leaves_no_ray_process(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", "--no-serve", f"run_dir={tmp_path / 'r'}",
                              "ray.num_cpus=2", "ray.progress=false"], cwd=str(REPO), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     seen: dict[int, object] = {}
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             kids = psutil.Process(proc.pid).children(recursive=True)
             seen.update({k.pid: k for k in kids})
-            names = " ".join(" ".join(k.cmdline()) for k in kids if k.is_running())
-            if "raylet" in names and "dashboard/agent.py" in names and "runtime_env/agent" in names:
+            names = " ".join(_cmdline(k) for k in kids)
+            # the driver is connected (Ray's core worker has installed its C++ signal handlers by then)
+            if "raylet" in names and "dashboard/agent.py" in names and "runtime_env/agent" in names \
+                    and any("Started a local Ray instance" in ln for ln in lines):
                 break
             time.sleep(0.5)
-        assert proc.poll() is None, "the job ended before its Ray cluster was up:\n" + proc.stdout.read()[-3000:]
+        if proc.poll() is not None:
+            text = "".join(lines)
+            if "timed out during startup" in text or "Failed to get node info" in text:
+                pytest.skip("Ray could not start on this machine now (overloaded): nothing to terminate")
+            raise AssertionError("the job ended before its Ray cluster was up:\n" + text[-3000:])
         session = _session_of(seen.values())
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=180)
+        proc.wait(timeout=180)
+        reader.join(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0 and "Traceback" not in out[-2000:], out[-3000:]
+    out = "".join(lines)
+    # 15 (Ray's Python handler) or 143 (ours) when Python unwinds; a SIGTERM that lands inside ray.init, after
+    # Ray's C++ failure handler is installed and before reclaim_sigterm, aborts (-6): the tree must be clean
+    # either way
+    assert proc.returncode != 0 and "Traceback" not in out[-2000:], (proc.returncode, out[-3000:])
     time.sleep(1)
     alive = [p for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [(p.pid, p.name()) for p in alive]
@@ -189,3 +211,22 @@ def test_serve_entry_point_checks_before_ray(tmp_path, capsys, monkeypatch):
     assert "is not a prepared run folder" in capsys.readouterr().err
     assert serve_main(["serve.port=99999"]) == 2
     assert "serve.port=99999: must be <= 65535" in capsys.readouterr().err
+
+
+def test_reclaim_sigterm_takes_sigterm_back_from_a_c_handler():
+    """A C-level SIGTERM handler installed behind Python's back (as Ray's core worker installs absl's, which
+    aborts) is replaced by Python's again: SIGTERM then raises in Python, so `finally` blocks run."""
+    import ctypes
+
+    from allmrec.procs import Terminated, reclaim_sigterm, sigterm_raises
+    libc = ctypes.CDLL(None)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    with sigterm_raises():
+        libc.signal(int(signal.SIGTERM), 1)  # SIG_IGN at C level: Python's handler no longer sees SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # ignored: nothing raised
+        reclaim_sigterm()
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
