@@ -32,6 +32,8 @@ def init_ray(cfg: Config):
 
     if not ray.is_initialized():
         _start_or_attach(ray, cfg)
+        from allmrec.procs import reclaim_sigterm
+        reclaim_sigterm()  # SIGTERM unwinds the job (finally: Ray shut down), not an abort in Ray's C++ handler
     import ray.data  # noqa: F401  (configures Ray Data's loggers; quiet them afterwards)
     for noisy in ("ray.data", "ray.train", "ray.serve", "ray.tune"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
