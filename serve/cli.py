@@ -27,6 +27,8 @@ def connect_ray(cfg: Config):
             ray.init(address=address, **kwargs)
         else:
             ray.init(num_cpus=cfg.ray.num_cpus or 2 * (os.cpu_count() or 1), **kwargs)
+        from allmrec.procs import reclaim_sigterm
+        reclaim_sigterm()  # SIGTERM stops the service cleanly, not an abort in Ray's C++ handler
     return ray
 
 
