@@ -3,7 +3,8 @@
     python -m bench.stage2_llms                      # every packaged LLM installed, 3 timed rounds
     python -m bench.stage2_llms --llms packaged:SmolLM2-135M-Instruct packaged:gemma-3-270m --rounds 5
 
-All models in ONE process, in bf16 (the CPU default on AMX machines), `--threads` torch threads (default 1:
+All models in ONE process (Qwen2.5-Coder-1.5B's step alone needs ~10 GiB: leave it out on a shared
+machine, `--llms`), in bf16 (the CPU default on AMX machines), `--threads` torch threads (default 1:
 on a contended 2-core machine two threads can be several times slower than one, ../shared/MODELS.md).
 A step is A-LLMRec's Stage-2 step: batch 4 of the shipped ML-100K prompt layout (user token, 10 history and
 20 candidate titles from ML-100K's item file, each with an item soft token before its title, titles cut to
@@ -125,6 +126,7 @@ def main() -> None:
     losses = {}
     for name in names:  # warm-up, and the two losses must agree
         losses[name] = {p: step(name, p)[1] for p in ("targets", "keep")}
+        print(f"warm-up {name}: loss targets {losses[name]['targets']:.4f}, keep {losses[name]['keep']:.4f}", flush=True)
     times = {(n, p): [] for n in names for p in ("targets", "keep")}
     for r in range(a.rounds):
         order = names if r % 2 == 0 else names[::-1]
@@ -132,6 +134,7 @@ def main() -> None:
         for name in order:
             for p in paths:
                 times[(name, p)].append(step(name, p)[0])
+                print(f"  {name} {p}: {times[(name, p)][-1]:.2f} s, load {loadavg()}", flush=True)
         print(f"round {r + 1}/{a.rounds} done, load {loadavg()}", flush=True)
     load_after = loadavg()
 
