@@ -45,7 +45,7 @@ class ChunkScorer:
         self.seqs = dict(zip(self.prep.sequences["user"], self.prep.sequences["seq"]))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from allmrec.recommender import Example
+        from allmrec.recommender import Example, candidate_order
         s = self.cfg.score
         rows = []
         for chunk, lo, hi in zip(batch["chunk"], batch["lo"], batch["hi"]):
@@ -53,9 +53,18 @@ class ChunkScorer:
             users = np.arange(lo, hi, dtype=np.int64)
             hists = [np.asarray(self.seqs[int(u)]) for u in users]
             n = max(s.top_k, s.pool_size) if s.pool == "cf_topn" else s.top_k
-            reps = user_reps(self.cf, hists, users)
-            items, scores = cf_top_n(self.cf, hists, users, n, reps=reps)  # k may shrink for tiny catalogues
+            # x_u and the CF pool one user at a time, as the service computes them (a batched fp32 forward
+            # rounds differently, and the pool's order seeds the order the LLM is shown)
+            reps = np.concatenate([user_reps(self.cf, [h], [u]) for h, u in zip(hists, users)])
+            tops = [cf_top_n(self.cf, [h], [u], n, reps=reps[j:j + 1]) for j, (h, u) in enumerate(zip(hists, users))]
+            n = min(t[0].shape[1] for t in tops)  # k may shrink for tiny catalogues
+            items = np.concatenate([t[0][:, :n] for t in tops])
+            scores = np.concatenate([t[1][:, :n] for t in tops])
             if s.pool == "cf_topn":
+                # the LLM sees each pool in candidate_order, as in evaluation and the service: same user, same
+                # ranking there and here (docs/serving.md, "Same answer every time")
+                items = np.asarray([candidate_order(row.tolist(), self.cfg.seed, user=int(u)) for row, u in zip(items, users)],
+                                   dtype=np.int64).reshape(items.shape)
                 llm_scores = np.zeros(items.shape, dtype=np.float32)
                 bs = s.batch_size
                 for i in range(0, len(users), bs):

@@ -284,6 +284,27 @@ def test_batching_and_overload(service):
     assert c.post("/v1/recommend", json=body).json()["items"] == ref
 
 
+def test_service_equals_the_score_parquet(service):
+    """`allmrec score` and the service give one user the same top-k with the same scores: the CF pool shown in
+    candidate_order, x_u one user at a time, batch-invariant ranking (before issue 19: 0 of 5 users matched)."""
+    import copy
+
+    import pandas as pd
+
+    from pipelines.score import score
+
+    cfg = copy.deepcopy(service["cfg"])
+    cfg.score.top_k, cfg.score.max_users, cfg.score.batch_size = 5, 6, 4  # chunks of 4 users: batched ranking
+    out = score(cfg)
+    df = pd.concat([pd.read_parquet(p) for p in sorted(out.glob("part-*.parquet"))])
+    assert sorted(df["user"].unique()) == list(range(6))
+    for u in range(6):
+        want = df[df["user"] == u].sort_values("rank")
+        got = service["client"].post("/v1/recommend", json={"user_id": u, "k": 5}).json()["items"]
+        assert [x["item"] for x in got] == want["item"].tolist(), u
+        np.testing.assert_allclose([x["score"] for x in got], want["score"].to_numpy(), atol=1e-4)
+
+
 def test_shutdown_is_clean(service):
     from ray import serve
 
