@@ -3,6 +3,7 @@ without the cache, and offline scoring with 1 vs 2 Ray Data actors.
 
     python -m bench.evaluate            # 24 test users (3 batches of 8); no-cache ranking on 2 users
     python -m bench.evaluate --quick    # 8 test users; no-cache ranking on 1 user
+    python -m bench.evaluate --job      # `allmrec evaluate` (rank, bf16) against the in-process loop, same rows
 
 Ranking / generation: amazon-scientific test users (/tmp/bench_sci, seeded subset), their 20 candidates
 (target + 19 seeded negatives, in the evaluation's seeded order), the packaged SmolLM2-135M-Instruct in
@@ -19,6 +20,11 @@ Offline scoring: `pipelines.score.score` (CF top-20 pool re-ranked by the LLM, t
 a trained ML-100K run (/tmp/r_ml: data, cf, stage1 embeddings, stage2 projector) with 1 and 2 actors;
 `pipelines.score.CHUNK` set so the users make 4 chunks (2 actors have chunks to share). Ray is started before the
 clock; the timed `score()` call includes the actors' start (model loading) and the scoring.
+Job against in-process (`--job`): `pipelines.evaluate.evaluate` (rank mode, LLM-Only, 1 actor, bf16) on a
+throw-away run folder linking /tmp/bench_sci's data and CF model, and `LLMRecommender.rank` in one process
+(bf16) on the same rows (`eval_rows`: the seeded test users, then the seeded cold users); the job's users/s
+counts its whole variant time (actor start, model load, Ray Data), `inner_users_per_s` only the actor's
+time in `rank`.
 """
 from __future__ import annotations
 
@@ -47,10 +53,14 @@ SCORE_CHUNKS = 4  # users are cut into this many chunks (pipelines.score.CHUNK u
 # ----------------------------------------------------------------------------- child side
 
 def test_examples(cfg, prep, n_users: int):
-    """(examples, target index in each candidate list) of n seeded test users, in evaluation order."""
+    """(examples, target index in each candidate list) of the rows `allmrec evaluate` scores with
+    eval.max_users=n_users (n seeded test users, then the seeded cold users), in evaluation order."""
+    from allmrec.config import config_from_dict
     from allmrec.recommender import Example, candidate_order
-    from pipelines.evaluate import _subset
-    test = _subset(prep.candidates("test"), n_users, cfg.seed)
+    from pipelines.evaluate import eval_rows
+    c = config_from_dict(cfg.to_dict())
+    c.eval.max_users = n_users
+    test = eval_rows(c, prep)
     exs, gold = [], []
     for u, h, t, negs in zip(test["user"], test["history"], test["target"], test["negatives"]):
         c = candidate_order([int(t), *map(int, negs)], cfg.seed, user=u)
@@ -91,6 +101,8 @@ def rank_without_cache(rec, exs, length_norm: bool = True) -> np.ndarray:
 def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["mode"] == "score":
         return run_score(spec)
+    if spec["mode"] == "eval_ray":
+        return run_eval_ray(spec)
     import torch
 
     from allmrec.artifacts import item_titles
@@ -102,13 +114,14 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = sci_config()
     prep = Prepared(SCI_RUN / "data")
     exs, gold = test_examples(cfg, prep, spec["users"])
-    llm, tok = load_llm(cfg.stage2.llm, dtype=torch.float32)
+    llm, tok = load_llm(cfg.stage2.llm, dtype=getattr(torch, spec.get("dtype", "float32")))
     rec = LLMRecommender(llm, tok, item_titles(prep), cfg.data.domain, projector=None, item_vectors=None,
                          use_user_token=False, history_len=cfg.stage2.history_len,
                          max_title_tokens=cfg.stage2.max_title_tokens)
     mode, bs = spec["mode"], spec["batch"]
     prompt_lens = [len(rec.batch([e], with_target=False)["input_ids"][0]) for e in exs]
-    out: dict[str, Any] = {"mode": mode, "prompt_tokens_mean": round(float(np.mean(prompt_lens)), 1)}
+    out: dict[str, Any] = {"mode": mode, "prompt_tokens_mean": round(float(np.mean(prompt_lens)), 1),
+                           "dtype": spec.get("dtype", "float32")}
 
     def work(chunk):
         if mode == "rank":
@@ -151,6 +164,37 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def run_eval_ray(spec: dict[str, Any]) -> dict[str, Any]:
+    """`allmrec evaluate` (Ray Data actor pool, rank mode, LLM-Only) on a throw-away run folder linking
+    /tmp/bench_sci's data and CF model: the same rows as the in-process loop (`test_examples`)."""
+    from pipelines.common import init_ray
+    from pipelines.evaluate import evaluate
+    run = Path(tempfile.mkdtemp(prefix="bench-eval-ray-"))
+    try:
+        for part in ("data", "cf"):
+            (run / part).symlink_to(SCI_RUN / part)
+        cfg = sci_config(f"run_dir={run}", "eval.variants=[llm_only]", "eval.mode=rank",
+                         f"eval.max_users={spec['users']}", f"eval.num_actors={spec['actors']}",
+                         f"eval.batch_size={spec['batch']}", f"stage2.llm_dtype={spec.get('dtype', 'auto')}")
+        t0 = time.perf_counter()
+        init_ray(cfg)
+        ray_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out_dir = evaluate(cfg, force=True)
+        wall = time.perf_counter() - t0
+        import pandas as pd
+        res = pd.read_parquet(out_dir / "results.parquet")
+        meta = json.loads((out_dir / "report.json").read_text())["meta"]
+        n, variant_s = len(res), meta["seconds"]["llm_only"]
+        inner = float(res["rank_s"].sum())  # the actors' own time in LLMRecommender.rank
+        return {"mode": "eval_ray", "actors": spec["actors"], "users": n, "variant_s": variant_s,
+                "users_per_s": round(n / variant_s, 4), "inner_users_per_s": round(n / inner, 4),
+                "evaluate_call_s": round(wall, 1), "ray_start_s": round(ray_s, 1),
+                "hit@1": round(float((res["rank"] == 0).mean()), 4), "dtype": spec.get("dtype", "auto")}
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
 def run_score(spec: dict[str, Any]) -> dict[str, Any]:
     """pipelines.score.score on a private copy of the trained ML-100K run (its own scores/ folder)."""
     from allmrec.config import load_config
@@ -189,6 +233,8 @@ LABELS = {
     "rank": "rank: prompt once + KV cache shared by the 20 candidates",
     "generate": f"generate: greedy, <= {MAX_NEW_TOKENS} new tokens, KV cache",
     "rank_nocache": "rank without KV cache: one full forward per candidate",
+    "rank_bf16": "rank, LLM in bf16, in one process (the reference of the job row)",
+    "eval_ray": "`allmrec evaluate` rank mode (Ray Data, 1 actor x 2 threads), LLM in bf16",
     "score_1": "offline scoring (Ray Data), 1 actor x 2 threads",
     "score_2": "offline scoring (Ray Data), 2 actors x 1 thread",
 }
@@ -209,6 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--nocache-users", type=int, default=None)
     ap.add_argument("--score-users", type=int, default=None)
     ap.add_argument("--no-score", action="store_true")
+    ap.add_argument("--job", action="store_true", help="only the evaluate job against the in-process ranking "
+                                                       "loop, bf16, the same rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--time-cap", type=float, default=180.0, help="stop a timed loop after this many seconds")
     ap.add_argument("--max-load", type=float, default=4.0)
@@ -228,8 +276,13 @@ def main(argv: list[str] | None = None) -> dict:
                                                  "reference_max_length": 512}, "runs": {}}
     base = {"batch": 8, "threads": args.threads, "time_cap_s": args.time_cap, "max_new_tokens": MAX_NEW_TOKENS}
     plan = [("rank", {"mode": "rank", "users": users}), ("generate", {"mode": "generate", "users": users}),
-            ("rank_nocache", {"mode": "rank_nocache", "users": nocache})]
-    if args.no_score:
+            ("rank_nocache", {"mode": "rank_nocache", "users": nocache}),
+            ("rank_bf16", {"mode": "rank", "users": users, "dtype": "bfloat16"}),
+            ("eval_ray", {"mode": "eval_ray", "users": users, "actors": 1, "dtype": "bfloat16"})]
+    if args.job:
+        plan = plan[3:]
+        res["score_skipped"] = "--job"
+    elif args.no_score:
         res["score_skipped"] = "--no-score"
     elif not _ml_run_ready():
         res["score_skipped"] = f"{ML_RUN} lacks a complete data/cf/stage1/stage2 run"
@@ -240,9 +293,10 @@ def main(argv: list[str] | None = None) -> dict:
         gate = wait_for_load(args.max_load, budget)
         print(f"[evaluate] {name} (load {gate['load_at_start']})", flush=True)
         try:
-            r = run_child("bench.evaluate", {**base, **spec}, timeout=1200, include_ray=spec["mode"] == "score")
+            r = run_child("bench.evaluate", {**base, **spec}, timeout=1800,
+                          include_ray=spec["mode"] in ("score", "eval_ray"))
         except RuntimeError as e:
-            if spec["mode"] != "score":
+            if spec["mode"] not in ("score", "eval_ray"):
                 raise
             # a shared machine can run out of memory (Ray's memory monitor kills the actor): record it
             res.setdefault("failed", {})[name] = str(e)[-1500:]
@@ -255,19 +309,26 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  offline scoring skipped: {res['score_skipped']}")
 
     runs = res["runs"]
-    nc = runs["rank_nocache"]
+    nc = runs.get("rank_nocache", {})
     rows = []
     for name, r in runs.items():
         if name.startswith("score"):
             continue
-        r["x_rank_without_cache"] = ratio(r["users_per_s"], nc["users_per_s"])
-        r["cpu_x_rank_without_cache"] = ratio(r["users_per_cpu_s"], nc["users_per_cpu_s"])
+        r["x_rank_without_cache"] = ratio(r["users_per_s"], nc.get("users_per_s"))
+        r["cpu_x_rank_without_cache"] = ratio(r.get("users_per_cpu_s"), nc.get("users_per_cpu_s"))
         rows.append({"mode": LABELS[name], "users": r["users"], "users/s": r["users_per_s"],
-                     "x no-cache rank": r["x_rank_without_cache"], "users/CPU-s": r["users_per_cpu_s"],
+                     "x no-cache rank": r["x_rank_without_cache"], "users/CPU-s": r.get("users_per_cpu_s"),
                      "x no-cache (CPU)": r["cpu_x_rank_without_cache"], "hit@1": r.get("hit@1"),
                      "peak RSS GiB": r["peak_rss_gib"], "load 1m": r["load_at_start"][0]})
-    res["rank_vs_generate"] = ratio(runs["rank"]["users_per_s"], runs["generate"]["users_per_s"])
-    res["rank_vs_generate_cpu"] = ratio(runs["rank"]["users_per_cpu_s"], runs["generate"]["users_per_cpu_s"])
+    if "rank" in runs and "generate" in runs:
+        res["rank_vs_generate"] = ratio(runs["rank"]["users_per_s"], runs["generate"]["users_per_s"])
+        res["rank_vs_generate_cpu"] = ratio(runs["rank"]["users_per_cpu_s"], runs["generate"]["users_per_cpu_s"])
+    if "rank_bf16" in runs and "eval_ray" in runs:
+        res["eval_job_vs_in_process"] = ratio(runs["eval_ray"]["users_per_s"], runs["rank_bf16"]["users_per_s"])
+        res["eval_job_inner_vs_in_process"] = ratio(runs["eval_ray"]["inner_users_per_s"],
+                                                    runs["rank_bf16"]["users_per_s"])
+        print(f"evaluate job / in-process ranking loop (bf16, same rows): {res['eval_job_vs_in_process']}x "
+              f"(inside the actor: {res['eval_job_inner_vs_in_process']}x)")
     tbl = table(rows, ["mode", "users", "users/s", "x no-cache rank", "users/CPU-s", "x no-cache (CPU)", "hit@1",
                        "peak RSS GiB", "load 1m"])
     if "score_1" in runs and "score_2" in runs:
@@ -282,9 +343,10 @@ def main(argv: list[str] | None = None) -> dict:
     res["machine_end"] = {"loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
     res["table"] = tbl
     print(tbl)
-    print(f"rank / generate: {res['rank_vs_generate']}x (context only: the reference's generation measured "
-          f"{REFERENCE_GEN_USERS_PER_S} users/s with up to 512 tokens)")
-    path = write_results("evaluate_quick" if args.quick else "evaluate", res)
+    if "rank_vs_generate" in res:
+        print(f"rank / generate: {res['rank_vs_generate']}x (context only: the reference's generation measured "
+              f"{REFERENCE_GEN_USERS_PER_S} users/s with up to 512 tokens)")
+    path = write_results("evaluate_job" if args.job else ("evaluate_quick" if args.quick else "evaluate"), res)
     print(f"-> {path}")
     return res
 
