@@ -30,8 +30,8 @@ def write_markov_seq_txt(folder: Path, n_users: int = 120, n_items: int = 60, se
     return folder
 
 
-# train-cf settings shared by tests/pipelines/test_train_cf.py and test_cf_agnostic.py: the same run folder
-# ("run") and fingerprints, so whichever test comes second finds these CF models trained (two side by side)
+# train-cf settings shared by tests/pipelines/test_train_cf.py and test_train_cf_agnostic.py (collected after
+# it): the same run folder ("run") and fingerprints, so the second finds these CF models trained, side by side
 CF_SASREC = ("cf.epochs=3", "cf.num_workers=2", "cf.patience=50", "cf.lr=0.01")
 CF_GRU4REC = ("cf.epochs=3", "cf.num_workers=1", "cf.patience=50", "cf.max_failures=1", "cf.model=gru4rec")
 

@@ -36,7 +36,7 @@ def test_two_workers_train_checkpoint_and_outputs(tiny_cfg_factory):
 
 def test_resumes_after_injected_failure(tiny_cfg_factory):
     cfg = tiny_cfg_factory(*CF_GRU4REC)
-    out = train_cf(cfg, fail_at_epoch=2)
+    out = train_cf(cfg, fail_at_epoch=2, force=True)  # forced: trained afresh even if another test made it
     assert out == RunFolder(cfg).cf_dir("gru4rec")
     m = json.loads((out / "metrics.json").read_text())
     # epoch 1 came from the checkpoint taken before the failure; epochs 2-3 ran after the restart
