@@ -114,10 +114,12 @@ def test_sigterm_leaves_no_ray_process(tmp_path):
         while time.time() < deadline and proc.poll() is None:
             kids = psutil.Process(proc.pid).children(recursive=True)
             seen.update({k.pid: k for k in kids})
-            names = " ".join(_cmdline(k) for k in kids)
-            # the driver is connected (Ray's core worker has installed its C++ signal handlers by then)
-            if "raylet" in names and "dashboard/agent.py" in names and "runtime_env/agent" in names \
-                    and any("Started a local Ray instance" in ln for ln in lines):
+            cmds = [_cmdline(k) for k in kids]
+            names = " ".join(cmds)
+            # ray.init has returned (a task or actor of the job runs: not an idle worker, not an agent), so
+            # SIGTERM finds Python's handler (reclaim_sigterm), and the agents that ignore SIGTERM are up
+            working = [c for c in cmds if c.startswith("ray::") and "IDLE" not in c and "Agent" not in c]
+            if "raylet" in names and "dashboard/agent.py" in names and "runtime_env/agent" in names and working:
                 break
             time.sleep(0.5)
         if proc.poll() is not None:
@@ -133,9 +135,8 @@ def test_sigterm_leaves_no_ray_process(tmp_path):
         if proc.poll() is None:
             proc.kill()
     out = "".join(lines)
-    # 15 (Ray's Python handler) or 143 (ours) when Python unwinds; a SIGTERM that lands inside ray.init, after
-    # Ray's C++ failure handler is installed and before reclaim_sigterm, aborts (-6): the tree must be clean
-    # either way
+    # expected 15 (Ray's Python handler, sys.exit) or 143 (ours) once reclaim_sigterm ran; what must hold in
+    # any case is that it ended and left no process behind
     assert proc.returncode != 0 and "Traceback" not in out[-2000:], (proc.returncode, out[-3000:])
     time.sleep(1)
     alive = [p for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
