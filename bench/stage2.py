@@ -1,23 +1,33 @@
-"""Benchmark: Stage-2 training steps (projectors in front of the frozen LLM), ours vs the paper's way.
+"""Benchmark: Stage-2 training steps (projectors in front of the frozen LLM): the Ray Train job against
+the in-process loop, the step's own variants, ours against the paper's way.
 
-    python -m bench.stage2            # 24 users (6 steps of 4) per configuration, + Ray Train 1 vs 2 workers
-    python -m bench.stage2 --quick    # 8 users, no Ray Train runs
+    python -m bench.stage2            # in-process bf16 loop vs the job: ZeRO-0 / ZeRO-3, 1 / 2 workers
+    python -m bench.stage2 --step     # the step: SDPA vs eager attention, length bucketing, batch 8
+    python -m bench.stage2 --quick    # 8 users: baseline / ours / ours_bf16, no Ray Train runs
+    python -m bench.stage2 --configs baseline,ours,ours_bf16 --threads 1 --rounds 2
 
 All on the prepared amazon-scientific set (/tmp/bench_sci), the packaged SmolLM2-135M-Instruct on the CPU
-in fp32 (bf16 where the configuration says so), batch 4, Adam lr 1e-4 over the projectors, the same users / candidates / projector initialisation
-in both; each configuration in its own process (its own peak RSS), 2 torch threads, one untimed warm-up
-step, then every batch timed. The prompt is A-LLMRec's (user token, 10 history + 20 candidate titles each
-with an item soft token). Item vectors: the Stage-1 joint embeddings of /tmp/bench_sci when they exist,
-else seeded random vectors of the same size (speed does not depend on their values).
+in fp32 (bf16 where the configuration says so), batch 4, Adam lr 1e-4 over the projectors, the same users /
+candidates / projector initialisation in both; each configuration in its own process (its own peak RSS),
+`--threads` torch threads (a 2-worker job: half each), one untimed warm-up step, then every batch timed;
+users/CPU-s (process CPU time) beside users/s, since the machine is shared and wall time follows its load.
+`--rounds 2` runs the plan twice, the second time in reverse order, and averages.
+The prompt is A-LLMRec's (user token, 10 history + 20 candidate titles each with an item soft token).
+Item vectors: the Stage-1 joint embeddings of /tmp/bench_sci when they exist, else seeded random vectors of
+the same size (speed does not depend on their values).
 
 OURS: `LLMRecommender.batch` + `stage2_loss`: every title cut to `max_title_tokens`=16 tokens, logits
 computed only at the target positions (since 2026-12-06 the hidden states gathered there, then the LM head;
-`logits_to_keep` before, as in the docs/benchmarks.md tables of 2026-11-22).
+`logits_to_keep` before, as in the docs/benchmarks.md tables of 2026-11-22). Each in-process row also
+reports tokens/s and its floor: the step's matmul FLOPs on the real tokens (forward, backward to the inputs
+only, `step_flops`) at the bf16/fp32 matmul speed measured in the same process (`matmul_gflops`).
 BASELINE (the same model, projector, prompt builder and examples): full titles (no cut), the LLM called
 without `logits_to_keep` (logits over the whole prompt, as a plain `model(inputs_embeds=...)` call or HF's
 `labels=` loss does) and the cross-entropy taken on the target positions of those full logits.
-RAY TRAIN (full runs): `pipelines.stage2.stage2` (DeepSpeed ZeRO-3, gloo) with 1 and 2 workers on a few
-users, users/s from its metrics.json (the epoch loop only, measured by the workers).
+RAY TRAIN (full runs): `pipelines.stage2.stage2` (item_tokens=mlp: no Stage-1 needed) with DeepSpeed ZeRO-0
+or ZeRO-3 over gloo, 1 and 2 workers, `torch_threads` = threads / workers, on `--ray-users` users; users/s and
+users/CPU-s of the epoch loop from its metrics.json (measured by the workers, CPU time summed over ranks),
+and the whole `stage2()` call's wall time beside it (Ray Data, worker start, LLM load, checkpoint).
 """
 from __future__ import annotations
 
