@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -232,7 +233,14 @@ def evaluate(cfg: Config, force: bool = False) -> Path:
                 "users_cold": int((rows.scenario == "cold_users").sum()), "seconds": timings,
                 "fingerprint": fp}
         (tmp / "report.json").write_text(json.dumps({"meta": meta, "metrics": report}, indent=2))
-        (tmp / "report.md").write_text(render_markdown(report, meta, cfg))
+        plots = {"Hit@1 per scenario (bars: ± 1 standard error)": "hit1.png"}
+        cf_dir = rf.cf_found()
+        if cf_dir is not None and (cf_dir / "metrics.json").exists() and plot_cf_curve(
+                json.loads((cf_dir / "metrics.json").read_text()).get("history", []), tmp / "cf_valid.png",
+                f"train-cf ({cfg.cf.model}): validation curve"):
+            plots[f"CF model ({cfg.cf.model}) validation curve"] = "cf_valid.png"
+        plots |= loss_plot_links(rf.root, out_dir)
+        (tmp / "report.md").write_text(render_markdown(report, meta, cfg, plots))
         plot_report(report, tmp)
         cfg.dump(tmp / RESOLVED_CONFIG)
         (tmp / "manifest.json").write_text(json.dumps(meta | {"job": "evaluate", "inputs": inputs}, indent=2))
@@ -258,7 +266,43 @@ def summarize_results(res: pd.DataFrame) -> dict:
     return out
 
 
-def render_markdown(report: dict, meta: dict, cfg: Config) -> str:
+def hit1_se(m: dict) -> float | None:
+    """Standard error of a scenario's Hit@1, a proportion over its n users: sqrt(p (1 - p) / n)."""
+    p, n = m.get("hit@1"), m.get("n")
+    if p is None or not n:
+        return None
+    return math.sqrt(p * (1 - p) / n)
+
+
+def _hit1_cell(m: dict | None) -> str:
+    if not m or "hit@1" not in m:
+        return "-"
+    se = hit1_se(m)
+    return f"{m['hit@1']:.4f} ± {se:.4f}" if se is not None else f"{m['hit@1']:.4f}"
+
+
+def settings_block(cfg: Config) -> list[str]:
+    """The settings a reader needs to judge the numbers: the models and Stage-2's training budget."""
+    s2 = cfg.stage2
+    layout = ", ".join(f"{k}={getattr(s2, k)}" for k in s2.LAYOUT_KEYS)
+    return ["## Settings", "",
+            f"- LLM (frozen): `{s2.llm}` (weights dtype `{s2.llm_dtype}`)",
+            f"- SBERT: `{cfg.encode.model}`",
+            f"- CF model: `{cfg.cf.model}` (hidden {cfg.cf.hidden}, "
+            f"up to {cfg.cf.epochs} epochs, patience {cfg.cf.patience})",
+            f"- Stage-1: {cfg.stage1.epochs} epochs, users "
+            f"{'all' if cfg.stage1.max_users is None else cfg.stage1.max_users}",
+            f"- Stage-2 budget: users {'all' if s2.max_users is None else s2.max_users}, {s2.epochs} epochs, "
+            f"examples_per_user {s2.examples_per_user}, batch {s2.batch_size}, lr {s2.lr:g}, item tokens "
+            f"`{s2.item_tokens}`",
+            f"- Prompt layout: {layout}, history_len={s2.history_len}, max_title_tokens={s2.max_title_tokens}, "
+            f"use_user_token={s2.use_user_token}",
+            *([f"- Few-shot: {cfg.fewshot} training users"] if cfg.fewshot else []),
+            ""]
+
+
+def render_markdown(report: dict, meta: dict, cfg: Config, plots: dict[str, str] | None = None) -> str:
+    """report.md; `plots`: caption -> path relative to the report folder (PNGs are shown, the rest linked)."""
     scen = ["overall", "warm_items", "cold_items", "cold_users"]
     lines = [f"# Evaluation report: {cfg.name}", "",
              f"Protocol: 1 positive + {cfg.data.n_negatives} seeded negatives per user (seed {cfg.seed}), "
@@ -268,20 +312,68 @@ def render_markdown(report: dict, meta: dict, cfg: Config) -> str:
              *([f"Cross-domain: the models were trained in `{meta['source_run']}`; this dataset's items enter as "
                 "q_i (source SBERT -> f_T^enc), every user as the source CF model's empty-history "
                 "representation.", ""] if meta.get("source_run") else []),
+             *settings_block(cfg),
              "## Hit@1", "",
+             "Hit@1 ± its standard error sqrt(p(1-p)/n) over the scenario's n users; two models whose "
+             "difference is within about two standard errors are not told apart by this test set.", "",
              "| model | " + " | ".join(scen) + " |", "|---|" + "---|" * len(scen)]
     for v, r in report.items():
-        lines.append(f"| {v} | " + " | ".join(f"{r[s]['hit@1']:.4f}" if s in r and "hit@1" in r[s] else "-"
-                                              for s in scen) + " |")
-    lines += ["", "## All metrics (overall)", "", "| model | hit@1 | hit@3 | hit@5 | hit@10 | ndcg@5 | ndcg@10 | mrr | gen hit@1 | gen names no candidate | n |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(f"| {v} | " + " | ".join(_hit1_cell(r.get(s)) for s in scen) + " |")
+    lines += ["", "## All metrics (overall)", "", "| model | hit@1 | hit@1 SE | hit@3 | hit@5 | hit@10 | ndcg@5 | ndcg@10 | mrr | gen hit@1 | gen names no candidate | n |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, r in report.items():
         o = r.get("overall", {})
         f = lambda k: f"{o[k]:.4f}" if k in o else "-"  # noqa: E731
-        lines.append(f"| {v} | " + " | ".join(f(k) for k in ("hit@1", "hit@3", "hit@5", "hit@10", "ndcg@5", "ndcg@10",
-                                                               "mrr", "gen_hit@1", "gen_no_candidate")) + f" | {o.get('n', '-')} |")
-    lines += ["", f"Seconds per variant: {meta['seconds']}", "", "![Hit@1](hit1.png)", ""]
+        se = hit1_se(o)
+        lines.append(f"| {v} | {f('hit@1')} | {'-' if se is None else f'{se:.4f}'} | "
+                     + " | ".join(f(k) for k in ("hit@3", "hit@5", "hit@10", "ndcg@5", "ndcg@10",
+                                                 "mrr", "gen_hit@1", "gen_no_candidate")) + f" | {o.get('n', '-')} |")
+    lines += ["", f"Seconds per variant: {meta['seconds']}", ""]
+    plots = plots if plots is not None else {"Hit@1 per scenario (bars: ± 1 standard error)": "hit1.png"}
+    if plots:
+        lines += ["## Plots", ""]
+        for caption, path in plots.items():
+            lines += [f"### {caption}", "", f"![{caption}]({path})" if path.endswith(".png") else f"[{path}]({path})", ""]
     return "\n".join(lines)
+
+
+def loss_plot_links(root: Path, report_dir: Path) -> dict[str, str]:
+    """The training jobs' loss plots in a run folder, as links relative to the report folder."""
+    out = {}
+    for p in sorted(root.glob("*/loss.png")) + sorted(root.glob("*/*/loss.png")):
+        rel = p.relative_to(root).parent.as_posix()
+        out[f"Training loss: {rel}"] = os.path.relpath(p, report_dir)
+    return out
+
+
+def plot_cf_curve(history: list[dict], path: Path, title: str) -> bool:
+    """train-cf's curve: the training loss per epoch and the validation metrics where they were measured
+    (every cf.eval_every epochs). False (nothing written) without a history."""
+    if not history:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ep = [h["epoch"] for h in history]
+    ax.plot(ep, [h.get("loss", np.nan) for h in history], color="tab:gray", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss")
+    ax2 = ax.twinx()
+    for k, c in (("valid_ndcg@10", "tab:blue"), ("valid_hit@1", "tab:red"), ("valid_hit@10", "tab:green")):
+        pts = [(h["epoch"], h[k]) for h in history if k in h]
+        if pts:
+            x, y = zip(*pts)
+            ax2.plot(x, y, marker="o", ms=3, color=c, label=k)
+    ax2.set_ylabel("validation metric")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax2.legend(h1 + h2, l1 + l2, fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot_report(report: dict, out: Path) -> None:
@@ -293,14 +385,16 @@ def plot_report(report: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(scen), 3.8))
     w = 0.8 / max(len(variants), 1)
     for k, v in enumerate(variants):
-        vals = [report[v].get(s, {}).get("hit@1", np.nan) for s in scen]
-        ax.bar(np.arange(len(scen)) + k * w - 0.4 + w / 2, vals, w, label=v)
+        ms = [report[v].get(s, {}) for s in scen]
+        vals = [m.get("hit@1", np.nan) for m in ms]
+        errs = [np.nan if hit1_se(m) is None else hit1_se(m) for m in ms]
+        ax.bar(np.arange(len(scen)) + k * w - 0.4 + w / 2, vals, w, yerr=errs, capsize=3, label=v)
     ax.set_xticks(np.arange(len(scen)))
     ax.set_xticklabels(scen)
     ax.set_ylabel("Hit@1 (1 + 19 candidates)")
     ax.axhline(0.05, color="grey", lw=0.8, ls=":")  # random guessing
     ax.legend(fontsize=8, ncol=2)
-    ax.set_title("Hit@1 per scenario and model")
+    ax.set_title("Hit@1 per scenario and model (± 1 standard error)")
     fig.tight_layout()
     fig.savefig(out / "hit1.png", dpi=110)
     plt.close(fig)

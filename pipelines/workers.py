@@ -62,7 +62,13 @@ def plot_losses(history: list[dict], path: Path, title: str) -> None:
     for k in keys:
         ax.plot([h["epoch"] for h in history], [h[k] for h in history], marker="o", label=f"{k} (epoch mean)")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
+    # a log scale when every plotted value is positive: Stage-1's small terms (item/text reconstruction,
+    # often 1e-3 of the total) are otherwise flattened at 0 beside the larger ones
+    plotted = [h[k] for h in history for k in keys] + [v for _, v in steps]
+    log = bool(plotted) and all(np.isfinite(v) and v > 0 for v in plotted)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel("loss (log scale)" if log else "loss")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
