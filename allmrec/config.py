@@ -292,6 +292,14 @@ class ServeConfig:
 
 
 @dataclass
+class TrackingConfig:
+    # MLflow experiment tracking of the training jobs and evaluate (pipelines/tracking.py)
+    enabled: bool = True
+    uri: str | None = None  # None: a local file store, <run_dir>/mlruns; or any MLflow tracking URI
+    experiment: str | None = None  # None: the config's `name`
+
+
+@dataclass
 class Config:
     name: str = F("ml100k", nonempty=True)
     run_dir: str = F("runs/ml100k", nonempty=True)
@@ -310,6 +318,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def problems(self, check_files: bool = True) -> list[str]:
         """Every rule this config breaks: the declared per-field rules, then the rules between fields."""

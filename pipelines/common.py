@@ -215,6 +215,7 @@ def make_trainer(cfg: Config, run_name: str, train_func, loop_config: dict, data
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from allmrec.artifacts import RunFolder
+    from pipelines.tracking import settings as tracking_settings
 
     results = RunFolder(cfg).ray_results
     if force:
@@ -224,7 +225,8 @@ def make_trainer(cfg: Config, run_name: str, train_func, loop_config: dict, data
         drop_unregistered_checkpoints(results / run_name)
     return TorchTrainer(
         train_func,
-        train_loop_config={**loop_config, "threads": worker_threads(cfg, num_workers, use_gpu)},
+        train_loop_config={**loop_config, "threads": worker_threads(cfg, num_workers, use_gpu),
+                           "tracking": tracking_settings(cfg)},  # MLflow (pipelines/tracking.py), rank 0 logs
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": 1}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -244,7 +244,27 @@ def evaluate(cfg: Config, force: bool = False) -> Path:
         plot_report(report, tmp)
         cfg.dump(tmp / RESOLVED_CONFIG)
         (tmp / "manifest.json").write_text(json.dumps(meta | {"job": "evaluate", "inputs": inputs}, indent=2))
+    track_report(cfg, report, out_dir)
     return out_dir
+
+
+def track_report(cfg: Config, report: dict, out_dir: Path) -> None:
+    """MLflow (when `tracking.enabled`): the metrics as `<variant>.<scenario>.<metric>` plus each Hit@1's
+    standard error, the report's files and the run folder's loss plots as artifacts."""
+    from pipelines.tracking import Tracker, flatten, settings
+    tracker = Tracker(settings(cfg), "evaluate", cfg.to_dict())
+    if not tracker.active:
+        return
+    metrics = flatten(report)
+    metrics |= {f"{v}.{s}.hit@1_se": hit1_se(m) for v, r in report.items() for s, m in r.items()
+                if hit1_se(m) is not None}
+    tracker.log_metrics(metrics)
+    tracker.log_artifacts(sorted(p for p in out_dir.iterdir() if p.suffix in (".md", ".json", ".png", ".yaml")),
+                          "report")
+    root = RunFolder(cfg).root
+    for p in sorted(root.glob("*/loss.png")) + sorted(root.glob("*/*/loss.png")):
+        tracker.log_artifacts([p], "loss_plots/" + p.relative_to(root).parent.as_posix())
+    tracker.end()
 
 
 def summarize_results(res: pd.DataFrame) -> dict:

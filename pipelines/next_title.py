@@ -20,6 +20,7 @@ from allmrec.artifacts import RESOLVED_CONFIG
 from allmrec.io import atomic_dir
 from pipelines.common import training_users
 from pipelines.rows import next_title_examples
+from pipelines.tracking import Tracker
 from pipelines.workers import plot_losses
 
 
@@ -39,7 +40,7 @@ def load_frozen_llm(cfg: Config, device: str, ds_conf: dict | None = None):
 def next_title_epochs(engine, rec, train: dict, reps, cfg: Config, *, name: str, epochs: int, batch_size: int,
                       export_prefix: str, weights_file: str, all_counts: list, fail_at_epoch: int | None,
                       st_metadata: dict | None = None, extra_metrics: dict | None = None,
-                      start_from: str | None = None) -> None:
+                      start_from: str | None = None, track: dict | None = None) -> None:
     """The epoch loop shared by Stage-2 and TALLRec: resume, seeded batches of next-title examples, one
     DeepSpeed step each, and per epoch a Ray Train report with a checkpoint holding the trainable weights
     (the module's parameters under `export_prefix`, saved as `weights_file`) and the loss history.
@@ -51,6 +52,7 @@ def next_title_epochs(engine, rec, train: dict, reps, cfg: Config, *, name: str,
     from pipelines import engine as eng
 
     rank, n_rows = dist.get_rank(), len(train["user"])
+    tracker = Tracker(track, name, cfg.to_dict(), rank)  # MLflow (`track`: tracking.settings): rank 0 only
     state = eng.restore(engine, start_from) or {}
     start, history = state.get("epoch", 0) + 1, state.get("history", [])
     if rank == 0 and state:
@@ -87,6 +89,8 @@ def next_title_epochs(engine, rec, train: dict, reps, cfg: Config, *, name: str,
                  "llm_params_full": all_counts[0]["full"],
                  "llm_params_local_per_rank": [c["local"] for c in all_counts]}
         history.append({**rec_m, "step_losses": [round(v, 4) for v in step_losses]})  # for the loss curve
+        if rank == 0:  # rank 0's per-step losses, steps numbered across epochs
+            tracker.epoch(rec_m, epoch, epochs, step_losses, first_step=(epoch - 1) * n_steps)
         export = eng.trainable_state(engine, (export_prefix,))  # collective under ZeRO-3: every rank calls it
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=eng.CKPT_TAG, client_state={"epoch": epoch, "history": history},
@@ -96,6 +100,7 @@ def next_title_epochs(engine, rec, train: dict, reps, cfg: Config, *, name: str,
                 (Path(tmp) / weights_file).write_bytes(st_save(clean, metadata=st_metadata))
                 (Path(tmp) / "history.json").write_text(json.dumps(history))
             ray.train.report(rec_m, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    tracker.end()
 
 
 def next_title_datasets(ray, cfg: Config, prep: Prepared, data_dir: Path, max_users: int | None,

@@ -29,6 +29,7 @@ from pipelines.common import init_ray, make_trainer, training_users, up_to_date
 from pipelines.fingerprints import model_identity
 from pipelines.joint import build_stage1_model, item_table
 from pipelines.rows import stage1_examples
+from pipelines.tracking import Tracker
 from pipelines.workers import collect, collect_sorted, item_texts_from, plot_losses
 
 log = logging.getLogger("allmrec.stage1")
@@ -60,6 +61,7 @@ def train_func(config: dict) -> None:
     s1 = cfg.stage1
     torch.set_num_threads(config["threads"])
     rank = ray.train.get_context().get_world_rank()
+    tracker = Tracker(config.get("tracking"), "stage1", config["cfg"], rank)  # MLflow: rank 0 only
     eng.init_distributed(s1.use_gpu)
     device = "cuda" if s1.use_gpu else "cpu"
     cf = cf_from_files(config["cf_files"]).to(device)
@@ -101,6 +103,8 @@ def train_func(config: dict) -> None:
         rec = {"epoch": epoch, **{k: v / max(n_steps, 1) for k, v in sums.items()},
                "seconds": round(dt, 2), "users_per_s": round(n_steps * s1.batch_size / max(dt, 1e-9), 2)}
         history.append(rec)
+        if rank == 0:
+            tracker.epoch(rec, epoch, s1.epochs)
         export = eng.trainable_state(engine, ("aligner.", "text_encoder."))
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=eng.CKPT_TAG, client_state={"epoch": epoch, "history": history},
@@ -109,6 +113,7 @@ def train_func(config: dict) -> None:
                 (Path(tmp) / EXPORT).write_bytes(st_save({k: v.contiguous() for k, v in export.items()}))
                 (Path(tmp) / "history.json").write_text(json.dumps(history))
             ray.train.report(rec, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    tracker.end()
 
 
 def stage1(cfg: Config, force: bool = False, fail_at_epoch: int | None = None) -> Path:

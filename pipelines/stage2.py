@@ -68,7 +68,8 @@ def train_func(config: dict) -> None:
 
     next_title_epochs(engine, rec, train, reps, cfg, name="stage2", epochs=s2.epochs, batch_size=s2.batch_size,
                       export_prefix="projector.", weights_file=PROJECTOR, all_counts=all_counts,
-                      fail_at_epoch=config.get("fail_at_epoch"), start_from=config.get("start_from"))
+                      fail_at_epoch=config.get("fail_at_epoch"), start_from=config.get("start_from"),
+                      track=config.get("tracking"))
 
 
 def _fingerprinted(cfg: Config) -> dict:

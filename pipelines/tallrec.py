@@ -74,7 +74,7 @@ def train_func(config: dict) -> None:
     next_title_epochs(engine, rec, train, None, cfg, name="tallrec", epochs=epochs, batch_size=t.batch_size,
                       export_prefix="llm.", weights_file=LORA, all_counts=all_counts,
                       fail_at_epoch=config.get("fail_at_epoch"), st_metadata={"format": "allmrec-lora"},
-                      extra_metrics={"lora_params": int(n_lora)})
+                      extra_metrics={"lora_params": int(n_lora)}, track=config.get("tracking"))
 
 
 def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,

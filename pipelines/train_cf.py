@@ -29,6 +29,7 @@ from allmrec.data.load import Prepared
 from allmrec.data.sampling import STREAM_NEG100, user_rng
 from allmrec.data.sampling import sample_negatives as seeded_negs  # per user; cf.data's is per batch
 from allmrec.io import atomic_dir, fingerprint, read_manifest
+from pipelines.tracking import Tracker
 from allmrec.metrics import ranks_from_scores, summarize
 from pipelines.common import init_ray, make_trainer, training_users, up_to_date
 from pipelines.rows import cf_train_rows, cf_valid_rows
@@ -60,6 +61,7 @@ def train_func(config: dict) -> None:
     torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tracker = Tracker(config.get("tracking"), "train-cf", config["cfg"], rank)  # MLflow: rank 0 only
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     # MoRec: the items' SBERT vectors, shipped once through the object store
     inputs = {"text_emb": ray.get(config["text_emb"][0])} if config.get("text_emb") else {}
@@ -123,6 +125,8 @@ def train_func(config: dict) -> None:
         history.append(rec)
         stop = bad >= c.patience
         if rank == 0:
+            tracker.epoch(rec, epoch, c.epochs)
+        if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "best_model": best_state,
                             "epoch": epoch, "history": json.dumps(history), "best": best, "bad": bad},
@@ -132,6 +136,7 @@ def train_func(config: dict) -> None:
             ray.train.report(rec)
         if stop:
             break
+    tracker.end()
 
 
 def train_cf(cfg: Config, force: bool = False, fail_at_epoch: int | None = None) -> Path:
