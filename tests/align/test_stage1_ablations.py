@@ -91,12 +91,16 @@ def test_switches_change_the_stage1_fingerprint(tmp_path, monkeypatch):
     """pipelines/stage1.py fingerprints cfg.stage1: a changed switch means a retrain, never a stale reuse."""
     import pipelines.stage1 as job
 
-    for part in ("data", "cf"):
-        (tmp_path / part).mkdir()
+    from allmrec.artifacts import CF_CONFIG, CF_WEIGHTS
+    for part in ("data", "cf/sasrec"):
+        (tmp_path / part).mkdir(parents=True)
         (tmp_path / part / "manifest.json").write_text(json.dumps({"fingerprint": f"fp-{part}"}))
+    # the job reads the CF model's files for their checksum: any bytes will do here
+    (tmp_path / "cf/sasrec" / CF_CONFIG).write_text(json.dumps({"name": "sasrec"}))
+    (tmp_path / "cf/sasrec" / CF_WEIGHTS).write_bytes(b"weights")
     seen = []
-    # the job computes its fingerprint, then asks whether the output is complete: stop it right there
-    monkeypatch.setattr(job, "is_complete", lambda out_dir, fp: seen.append(fp) or True)
+    # the job computes its fingerprint, then asks whether the output is up to date: stop it right there
+    monkeypatch.setattr(job, "up_to_date", lambda name, out_dir, fp, force: seen.append(fp) or True)
     variants = [[], ["stage1.use_matching=false"], ["stage1.alpha=0"], ["stage1.beta=0"], ["stage1.use_recon=false"],
                 ["stage1.use_rec=false"], ["stage1.sbert_trainable_layers=0"]]
     for ov in variants:
