@@ -63,6 +63,7 @@ def test_cross_domain_refuses_cf_models_and_missing_sources(cross_cfg, tmp_path)
     cfg.eval.variants = ["sasrec"]
     with pytest.raises(ValueError, match="cannot score another domain"):
         evaluate(cfg)
+    cfg.eval.variants = ["most_popular"]  # a CF variant is refused first, before the source is looked at
     cfg.eval.source_run = str(tmp_path / "nothing-trained-here")
     with pytest.raises(FileNotFoundError, match="no trained cf and stage1"):
         evaluate(cfg)
