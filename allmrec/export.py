@@ -70,10 +70,10 @@ def save_peft_adapter(state: dict, out: Path, *, r: int, alpha: float, base_mode
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from allmrec.llm.lora import _targets_from_state
+    from allmrec.llm.lora import lora_targets_from_state
     out.mkdir(parents=True, exist_ok=True)
     conf = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                      target_modules=_targets_from_state(state), base_model_name_or_path=base_model)
+                      target_modules=lora_targets_from_state(state), base_model_name_or_path=base_model)
     conf.save_pretrained(str(out))
     save_file({k: v.contiguous() for k, v in lora_to_peft(state).items()}, str(out / PEFT_WEIGHTS),
               metadata={"format": "pt"})

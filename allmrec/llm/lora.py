@@ -93,7 +93,7 @@ def save_lora(state: Mapping[str, torch.Tensor], path: str | Path, meta: Mapping
     return path
 
 
-def _targets_from_state(state: Mapping[str, torch.Tensor]) -> list[str]:
+def lora_targets_from_state(state: Mapping[str, torch.Tensor]) -> list[str]:
     # "model.layers.0.self_attn.q_proj.lora_A.default.weight" -> "q_proj"
     return sorted({k.split(LORA_MARK, 1)[0].rsplit(".", 1)[-1] for k in state})
 
@@ -119,7 +119,7 @@ def load_lora(llm: nn.Module, state: Mapping[str, torch.Tensor] | str | Path, cf
     r = {int(v.shape[0]) for k, v in state.items() if ".lora_A." in k}
     if r != {int(cfg.lora_r)}:
         raise ValueError(f"the saved adapters have rank {sorted(r)} but the config says lora_r={cfg.lora_r}")
-    model = add_lora(llm, cfg.lora_r, cfg.lora_alpha, 0.0, list(cfg.target_modules) or _targets_from_state(state))
+    model = add_lora(llm, cfg.lora_r, cfg.lora_alpha, 0.0, list(cfg.target_modules) or lora_targets_from_state(state))
     params = dict(model.named_parameters())
     expected = {n for n in params if LORA_MARK in n}
     if set(state) != expected:
