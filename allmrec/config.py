@@ -200,6 +200,10 @@ class Stage2Config:
     # weight of the first target token in the loss (where the candidates compete; later tokens mostly copy
     # the chosen title): 1.0 = the paper's plain mean over tokens (docs/results.md, "choice vs copy")
     choice_weight: float = F(1.0, gt=0)
+    # weight of an added loss term: the target's cross-entropy among the candidates only (the answer's first
+    # token, logits restricted to the candidates' first tokens). 0 = the paper's next-title loss alone; a
+    # departure that trains the choice Hit@1 measures (docs/results.md, "The candidate softmax")
+    candidate_softmax: float = F(0.0, ge=0)
     # wrap the prompt in the tokenizer's chat template (user turn = the question, the assistant turn starts
     # "The recommendation is"); false = the paper's plain prompt (docs/results.md, "chat prompt")
     chat_prompt: bool = False
@@ -226,6 +230,14 @@ class Stage2Config:
     # up to k - 1 earlier (history -> next item) examples of the same sequence, a seeded choice fixed for the
     # run (a departure from the paper: docs/guide.md). An epoch then takes up to k times the steps
     examples_per_user: int = F(1, ge=1)
+    # torch.compile the frozen LLM's decoder blocks in training (allmrec.llm.loading.compile_layers; ~1.6x
+    # per step on CPU, docs/benchmarks.md). auto = unless ZeRO-3 partitions the weights (its hooks and
+    # compiled graphs do not mix); always (an error with zero_stage 3); never
+    compile: str = F("auto", choices=("auto", "always", "never"))
+
+    def compiles(self) -> bool:
+        """Whether Stage-2 compiles the LLM's decoder blocks."""
+        return self.compile == "always" or (self.compile == "auto" and self.zero_stage < 3)
 
     # the settings that shape the prompt text: what a trained projector or adapter is tied to
     # the layout options added after the paper's prompt: checked when a projector is loaded
@@ -336,6 +348,8 @@ class Config:
               "stage1: every loss term is off (use_matching, use_rec, use_recon with alpha/beta): nothing to train")
         check(self.serve.min_replicas <= self.serve.max_replicas, "serve.min_replicas must be <= serve.max_replicas")
         check(len(self.eval.variants) > 0, "eval.variants must name at least one variant")
+        check(not (self.stage2.compile == "always" and self.stage2.zero_stage == 3),
+              "stage2.compile=always cannot be used with stage2.zero_stage=3 (partitioned weights); use auto or never")
         return errors
 
     def validate(self, check_files: bool = True) -> "Config":

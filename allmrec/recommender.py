@@ -95,15 +95,18 @@ def item_vector_table(variant: str, e: np.ndarray | None, q: np.ndarray | None, 
 class Stage2Module(nn.Module):
     """The frozen LLM and the trainable projectors as one module (what DeepSpeed wraps)."""
 
-    def __init__(self, llm: nn.Module, projector: Stage2Projector | None, choice_weight: float = 1.0):
+    def __init__(self, llm: nn.Module, projector: Stage2Projector | None, choice_weight: float = 1.0,
+                 candidate_softmax: float = 0.0):
         super().__init__()
         self.llm = llm
         self.projector = projector
         self.choice_weight = choice_weight
+        self.candidate_softmax = candidate_softmax
 
     def forward(self, batch: dict[str, torch.Tensor], placeholders) -> torch.Tensor:
         return stage2_loss(self.llm, self.projector, batch, batch.get("user_reps"), batch.get("item_embs"),
-                           placeholders, choice_weight=self.choice_weight)
+                           placeholders, choice_weight=self.choice_weight,
+                           candidate_softmax=self.candidate_softmax, cand_first=batch.get("cand_first"))
 
 
 class LLMRecommender:
@@ -151,6 +154,10 @@ class LLMRecommender:
                                            tgt))
             slots.append([*hist, *ex.candidates])
         out = self.prompts.collate(encs)
+        if with_target:  # the candidates' first answer tokens (Stage-2's candidate_softmax), -1 = none
+            C = max(len(ex.candidates) for ex in examples)
+            out["cand_first"] = torch.tensor([[self.target_ids(i)[0] for i in ex.candidates] + [-1] * (C - len(ex.candidates))
+                                              for ex in examples], dtype=torch.long)
         dev = self.device
         out = {k: v.to(dev) for k, v in out.items()}
         if self.use_user_token:

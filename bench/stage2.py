@@ -108,6 +108,9 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     if spec.get("attn"):  # "eager" | "sdpa": the attention kernel transformers runs
         llm.set_attn_implementation(spec["attn"])
+    if spec.get("compile"):  # what the Stage-2 job does unless ZeRO-3 partitions the LLM (stage2.compile)
+        from allmrec.llm.loading import compile_layers
+        compile_layers(llm)
     torch.manual_seed(cfg.seed)
     projector = build_projector("joint", True, cf.hidden, vectors.shape[1], llm.config.hidden_size)
     ours = spec["impl"] == "ours"
@@ -167,7 +170,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
                 "prompt_tokens_mean": round(float(np.mean(lens)), 1), "prompt_tokens_max": int(np.max(lens)),
                 "padded_len_mean": round(float(np.mean(padded)), 1), "final_loss": round(losses[-1], 4),
                 "max_title_tokens": s2.max_title_tokens if ours else None, "threads": torch.get_num_threads(),
-                "attn": llm.config._attn_implementation, "dtype": str(dtype).replace("torch.", "")})
+                "attn": llm.config._attn_implementation, "dtype": str(dtype).replace("torch.", ""),
+                "compiled": bool(spec.get("compile"))})
     # the step's floor: its matmul FLOPs (real tokens only) at this process's measured matmul speed
     gflops = matmul_gflops(dtype, llm.config.hidden_size, llm.config.intermediate_size)
     step_flops_real = float(np.mean(flops))
@@ -246,7 +250,7 @@ def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
                 "epoch_s": h["seconds"], "loss": round(h["loss"], 4), "ray_start_s": round(ray_s, 1),
                 "stage2_call_s": round(wall, 1), "llm_params_full": h.get("llm_params_full"),
                 "llm_params_local_per_rank": h.get("llm_params_local_per_rank"), "item_tokens": "mlp",
-                "dtype": spec.get("dtype", "float32")}
+                "dtype": spec.get("dtype", "float32"), "compiled": cfg.stage2.compiles()}
     finally:
         shutil.rmtree(run, ignore_errors=True)
 
@@ -258,6 +262,8 @@ PLANS = {"baseline": {"impl": "baseline"}, "ours": {"impl": "ours"},
          "ours_bf16_eager": {"impl": "ours", "dtype": "bfloat16", "attn": "eager"},
          "ours_bf16_bucket": {"impl": "ours", "dtype": "bfloat16", "bucket": True},
          "ours_bf16_b8": {"impl": "ours", "dtype": "bfloat16", "batch": 8},
+         "ours_bf16_compiled": {"impl": "ours", "dtype": "bfloat16", "compile": True},
+         "ours_bf16_compiled_b8": {"impl": "ours", "dtype": "bfloat16", "compile": True, "batch": 8},
          "ray_1": {"impl": "ray", "workers": 1, "zero": 0, "dtype": "bfloat16"},
          "ray_1_z3": {"impl": "ray", "workers": 1, "zero": 3, "dtype": "bfloat16"},
          "ray_2": {"impl": "ray", "workers": 2, "zero": 0, "dtype": "bfloat16"},
@@ -270,13 +276,16 @@ LABELS = {
     "ours_bf16_eager": "in-process, bf16, eager attention (not SDPA)",
     "ours_bf16_bucket": "in-process, bf16, batches bucketed by prompt length",
     "ours_bf16_b8": "in-process, bf16, batch 8",
+    "ours_bf16_compiled": "in-process, bf16, decoder blocks compiled (the reference of compiled Ray rows)",
+    "ours_bf16_compiled_b8": "in-process, bf16, compiled, batch 8",
     "ray_1": "Ray Train + DeepSpeed ZeRO-0, 1 worker, bf16",
     "ray_1_z3": "Ray Train + DeepSpeed ZeRO-3, 1 worker, bf16",
     "ray_2": "Ray Train + DeepSpeed ZeRO-0, 2 workers, bf16",
     "ray_2_z3": "Ray Train + DeepSpeed ZeRO-3, 2 workers, bf16",
 }
-DEFAULT_CONFIGS = ["ours_bf16", "ray_1", "ray_1_z3", "ray_2", "ray_2_z3"]
-STEP_CONFIGS = ["ours_bf16", "ours_bf16_eager", "ours_bf16_bucket", "ours_bf16_b8"]
+DEFAULT_CONFIGS = ["ours_bf16", "ours_bf16_compiled", "ray_1", "ray_1_z3", "ray_2", "ray_2_z3"]
+STEP_CONFIGS = ["ours_bf16", "ours_bf16_eager", "ours_bf16_compiled", "ours_bf16_compiled_b8", "ours_bf16_bucket",
+                "ours_bf16_b8"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -344,11 +353,16 @@ def main(argv: list[str] | None = None) -> dict:
             runs[name] = {**rs[-1], "users_per_s": round(float(np.mean([r["users_per_s"] for r in rs])), 4),
                           "users_per_cpu_s": round(float(np.mean([r["users_per_cpu_s"] or 0 for r in rs])), 4),
                           "rounds": len(rs), "load_1m": [r["load_at_start"][0] for r in rs]}
-    base, ref = runs.get("baseline", {}), runs.get("ours_bf16", {})
+    base = runs.get("baseline", {})
     rows = []
     for name, r in runs.items():
-        vs = ref if name.startswith("ray") or (name.startswith("ours_bf16") and name != "ours_bf16") else base
-        r["vs"] = "ours_bf16" if vs is ref else "baseline"
+        # a Ray row against the in-process loop that runs the same step: compiled (ZeRO-0/1/2) or not (ZeRO-3)
+        ref_name = "ours_bf16_compiled" if r.get("compiled") and "ours_bf16_compiled" in runs else "ours_bf16"
+        if name.startswith("ray") or (name.startswith("ours_bf16") and name != "ours_bf16"):
+            vs, r["vs"] = runs.get(ref_name if name.startswith("ray") else "ours_bf16", {}), (
+                ref_name if name.startswith("ray") else "ours_bf16")
+        else:
+            vs, r["vs"] = base, "baseline"
         r["ratio"] = ratio(r["users_per_s"], vs.get("users_per_s"))
         r["cpu_ratio"] = ratio(r["users_per_cpu_s"], vs.get("users_per_cpu_s"))
         rows.append({"configuration": LABELS[name], "users": r["users"], "users/s": r["users_per_s"],

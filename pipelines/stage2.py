@@ -45,13 +45,16 @@ def train_func(config: dict) -> None:
     conf = eng.deepspeed_config(s2.deepspeed_config, micro_batch=s2.batch_size, zero_stage=s2.zero_stage,
                                 bf16=s2.bf16 and s2.use_gpu, overrides=config.get("ds_overrides"))
     llm, tok = load_frozen_llm(cfg, device, conf)
+    if s2.compiles():
+        from allmrec.llm.loading import compile_layers
+        compile_layers(llm)
     cf = cf_from_files(config["cf_files"]).to(device)
     vectors = config["item_vectors"]
     torch.manual_seed(cfg.seed)  # identical projector initialisation on every rank
     llm_dim = llm.config.hidden_size
     projector = build_projector(s2.item_tokens, s2.use_user_token, cf.hidden,
                                 None if vectors is None else vectors.shape[1], llm_dim)
-    module = Stage2Module(llm, projector, choice_weight=s2.choice_weight)
+    module = Stage2Module(llm, projector, choice_weight=s2.choice_weight, candidate_softmax=s2.candidate_softmax)
     engine = eng.build_engine(module, s2.lr, conf)
     counts = eng.local_parameter_counts(engine.module.llm)
     all_counts = [None] * dist.get_world_size()
@@ -76,7 +79,8 @@ def _fingerprinted(cfg: Config) -> dict:
     """The Stage-2 settings a trained projector depends on (not where it ran). Settings added later are
     left out at their default, so projectors trained before they existed stay up to date."""
     s2 = cfg.to_dict()["stage2"] | {"num_workers": None, "use_gpu": None}
-    for key in ("choice_weight", "examples_per_user", *Stage2Config.LAYOUT_KEYS):
+    s2.pop("compile", None)  # how fast, not what is trained
+    for key in ("choice_weight", "candidate_softmax", "examples_per_user", *Stage2Config.LAYOUT_KEYS):
         if s2[key] == getattr(Stage2Config, key):
             del s2[key]
     return s2

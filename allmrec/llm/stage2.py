@@ -92,13 +92,23 @@ def target_logits(llm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: t
 
 def stage2_loss(llm: nn.Module, projector: Stage2Projector, batch: dict[str, torch.Tensor],
                 user_reps: torch.Tensor | None, item_embs: torch.Tensor | None,
-                placeholders: Placeholders, choice_weight: float = 1.0) -> torch.Tensor:
+                placeholders: Placeholders, choice_weight: float = 1.0, candidate_softmax: float = 0.0,
+                cand_first: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy over the target title tokens (+ eos) of a left-padded batch from `collate`.
 
     choice_weight: weight of each row's first target token, the one where the 20 candidates compete (the
-    later tokens mostly copy the chosen title from the prompt); 1.0 is the paper's plain mean."""
+    later tokens mostly copy the chosen title from the prompt); 1.0 is the paper's plain mean.
+    candidate_softmax: weight of an added term (0 = the paper's loss alone), the cross-entropy of the
+    target among the candidates at the answer's first position: the logits there restricted to the
+    candidates' first tokens `cand_first` (B, C), each distinct token once. The full-vocabulary loss spends
+    its gradient on putting mass on *some* candidate; this term only on *which* one, what Hit@1 measures.
+    It costs nothing more: those logits are computed for the first target token anyway."""
     if not (choice_weight > 0 and math.isfinite(choice_weight)):
         raise ValueError(f"choice_weight must be finite and > 0, got {choice_weight}")
+    if not (candidate_softmax >= 0 and math.isfinite(candidate_softmax)):
+        raise ValueError(f"candidate_softmax must be finite and >= 0, got {candidate_softmax}")
+    if candidate_softmax > 0 and cand_first is None:
+        raise ValueError("candidate_softmax > 0 needs the candidates' first token ids (cand_first)")
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     is_tgt = labels != IGNORE
     n_tgt = int(is_tgt.sum(1).max())
@@ -115,8 +125,30 @@ def stage2_loss(llm: nn.Module, projector: Stage2Projector, batch: dict[str, tor
     keep[:, T - n_tgt - 1:T - 1] = valid
     logits = target_logits(llm, embeds, mask, keep).float()  # (n_valid, V), row-major like tgt[valid]
     ce = F.cross_entropy(logits, tgt[valid], reduction="none")
+    first = (valid.long().cumsum(1) == 1) & valid  # right-aligned targets: a row's first valid column is its first token
     if choice_weight == 1.0:
-        return ce.mean()
-    first = valid.long().cumsum(1) == 1  # targets are right-aligned: a row's first valid column is its first token
-    w = torch.where(first[valid], choice_weight, 1.0).to(ce.dtype)
-    return (ce * w).sum() / w.sum()
+        loss = ce.mean()
+    else:
+        w = torch.where(first[valid], choice_weight, 1.0).to(ce.dtype)
+        loss = (ce * w).sum() / w.sum()
+    if candidate_softmax > 0:
+        loss = loss + candidate_softmax * candidate_choice_loss(logits[first[valid]], tgt[first], cand_first)
+    return loss
+
+
+def candidate_choice_loss(first_logits: torch.Tensor, target_first: torch.Tensor, cand_first: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -log softmax(first_logits restricted to the distinct ids of cand_first)[target].
+
+    first_logits (B, V) at each row's answer position, target_first (B,) the target's first token (one of
+    the row's candidates' first tokens), cand_first (B, C) token ids, -1 for no candidate. A token shared
+    by several candidates (two titles starting " The") enters the softmax once."""
+    if cand_first.shape[0] != first_logits.shape[0] or cand_first.dim() != 2:
+        raise ValueError(f"cand_first must be (B={first_logits.shape[0]}, C), got {tuple(cand_first.shape)}")
+    ok = cand_first >= 0
+    dup = (cand_first[:, :, None] == cand_first[:, None, :]).tril(-1).any(-1)  # the same id earlier in the row
+    keep = ok & ~dup
+    hit = keep & (cand_first == target_first[:, None])
+    if not bool(hit.any(1).all()):
+        raise ValueError("a row's target does not start like any of its candidates")
+    lg = first_logits.float().gather(1, cand_first.clamp(min=0)).masked_fill(~keep, float("-inf"))
+    return (torch.logsumexp(lg, 1) - lg.masked_fill(~hit, float("-inf")).logsumexp(1)).mean()

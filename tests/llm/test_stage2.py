@@ -237,3 +237,81 @@ def test_choice_weight_weights_each_rows_first_target_token(tiny):
     assert not torch.allclose(plain, weighted)
     with pytest.raises(ValueError, match="choice_weight"):
         stage2_loss(llm, proj, batch, user, items, pb.placeholders, choice_weight=0.0)
+
+
+def test_candidate_choice_loss_on_a_known_case():
+    """The softmax over the candidates' distinct first tokens, by hand: a token shared by two candidates
+    counts once, padded candidates (-1) not at all."""
+    from allmrec.llm.stage2 import candidate_choice_loss
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 9.0], [5.0, 0.0, 0.0, 0.0, 0.0]])
+    cands = torch.tensor([[1, 2, 2, 3], [0, 1, 2, -1]])
+    got = candidate_choice_loss(logits, torch.tensor([2, 1]), cands)
+    row0 = -torch.log_softmax(torch.tensor([1.0, 2.0, 3.0]), 0)[1]  # token 4 (logit 9) is no candidate
+    row1 = -torch.log_softmax(torch.tensor([5.0, 0.0, 0.0]), 0)[1]
+    assert torch.allclose(got, (row0 + row1) / 2)
+    with pytest.raises(ValueError, match="does not start like"):
+        candidate_choice_loss(logits, torch.tensor([4, 1]), cands)
+
+
+def test_candidate_softmax_adds_the_choice_term_and_trains_the_projector(tiny):
+    """stage2_loss(candidate_softmax=w) = the paper's loss + w x the candidate cross-entropy at each row's
+    first answer position (checked against the model's full forward), and its gradient reaches the projector."""
+    from allmrec.llm.stage2 import candidate_choice_loss
+    llm, pb, batch, user, items, proj = _setup(tiny)
+    firsts = [[pb.target_ids(t)[0] for t in c] for c in (["Heat (1995)", "Casino (1995)", "Jaws (1975)"],
+                                                           ["Pulp Fiction (1994)", "Brazil (1985)"])]
+    cand_first = torch.tensor([firsts[0], firsts[1] + [-1]])
+    plain = stage2_loss(llm, proj, batch, user, items, pb.placeholders)
+    mixed = stage2_loss(llm, proj, batch, user, items, pb.placeholders, candidate_softmax=2.0, cand_first=cand_first)
+    with torch.no_grad():
+        mask = batch["attention_mask"]
+        emb = soft_prompt_embeds(llm, proj, batch["input_ids"], pb.placeholders, user, items)
+        logits = llm(inputs_embeds=emb, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+        lab = batch["labels"]
+        at = [int((lab[b] != IGNORE).nonzero()[0]) - 1 for b in range(2)]  # the position predicting the first target
+        first_logits = torch.stack([logits[b, at[b]] for b in range(2)])
+        ref = candidate_choice_loss(first_logits, torch.tensor([firsts[0][0], firsts[1][0]]), cand_first)
+    assert torch.allclose(mixed.detach() - plain.detach(), 2.0 * ref, atol=1e-4)
+    if len(set(firsts[0])) == 1:  # the byte-level tokenizer starts every title with " ": nothing to choose
+        assert float(ref) == 0.0
+    else:
+        assert float(ref) > 0
+        proj.zero_grad()
+        (mixed - plain).backward()
+        assert any(float(p.grad.abs().sum()) > 0 for p in proj.parameters())
+    with pytest.raises(ValueError, match="cand_first"):
+        stage2_loss(llm, proj, batch, user, items, pb.placeholders, candidate_softmax=1.0)
+
+
+@pytest.mark.parametrize("style", ["llama", "opt"])
+def test_compiled_decoder_blocks_give_the_same_loss_and_gradients(style, tokenizers_by_style, make_tiny):
+    """compile_layers: every decoder block compiled in place (the same parameter names), eager attention,
+    and Stage-2's loss and projector gradients as the uncompiled model's, for Llama- and OPT-style models."""
+    from allmrec.llm.loading import compile_layers, decoder_layers
+    tok, vocab = tokenizers_by_style[style]
+    ref_llm, llm = make_tiny(style, vocab), make_tiny(style, vocab)
+    keys = list(llm.state_dict())
+    assert compile_layers(llm) == len(decoder_layers(llm)) == 2
+    assert list(llm.state_dict()) == keys and llm.config._attn_implementation == "eager"
+    pb = PromptBuilder(tok, MOVIES, 8)
+    batch, user, items = _batch(pb)
+    torch.manual_seed(1)
+    proj = Stage2Projector(D_USER, D_ITEM, llm.config.hidden_size)
+    grads = []
+    for model in (ref_llm, llm):
+        proj.zero_grad()
+        loss = stage2_loss(model, proj, batch, user, items, pb.placeholders)
+        loss.backward()
+        grads.append((float(loss), [p.grad.clone() for p in proj.parameters()]))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-4
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_compile_is_refused_with_partitioned_weights():
+    from allmrec.config import ConfigError, load_config
+    assert load_config(None, ["stage2.zero_stage=0"]).stage2.compiles()
+    assert not load_config(None, ["stage2.zero_stage=3"]).stage2.compiles()  # auto: off under ZeRO-3
+    assert not load_config(None, ["stage2.zero_stage=0", "stage2.compile=never"]).stage2.compiles()
+    with pytest.raises(ConfigError, match="compile=always"):
+        load_config(None, ["stage2.zero_stage=3", "stage2.compile=always"])
