@@ -21,6 +21,19 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def actor_pool(size: int):
+    """The Ray Data actor pool of our model-running jobs (encode, the Stage-1 item table, evaluate, score):
+    `size` actors, each running its batches in the thread that built it.
+
+    By default Ray Data calls an actor's `__call__` in a helper thread (to overlap batching with the UDF).
+    torch's OpenMP kernels lose parallelism there: the same ranking took 0.67-0.71 s per user in a helper
+    thread against 0.44 s in the main thread of one process, at the same CPU time (2 threads, SmolLM2 bf16),
+    and evaluate's actor ranked at 0.64-0.91 s per user; in the actor's own thread 0.47 s
+    (docs/benchmarks.md, "evaluate"). With one task at a time per actor nothing is lost by it."""
+    import ray
+    return ray.data.ActorPoolStrategy(size=size, enable_true_multi_threading=True)
+
+
 def init_ray(cfg: Config):
     """Attach to `cfg.ray.address`, or start a local cluster.
 

@@ -16,7 +16,7 @@ from allmrec.artifacts import RESOLVED_CONFIG, RunFolder
 from allmrec.config import Config
 from allmrec.data import schema
 from allmrec.io import atomic_dir, fingerprint, read_manifest
-from pipelines.common import init_ray, up_to_date
+from pipelines.common import actor_pool, init_ray, up_to_date
 from pipelines.fingerprints import model_identity
 
 log = logging.getLogger("allmrec.encode")
@@ -56,7 +56,7 @@ def encode(cfg: Config, force: bool = False) -> Path:
     # enough blocks that every actor gets work (one parquet file reads as one block)
     ds = ds.repartition(max(2 * n_actors, min(256, n_items // (4 * e.batch_size) + 1)))
     ds = ds.map_batches(SbertActor, batch_size=e.batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=n_actors),
+                        compute=actor_pool(n_actors),
                         fn_constructor_kwargs={"model": e.model, "max_seq_length": e.max_seq_length,
                                                "use_gpu": e.use_gpu, "threads": threads},
                         num_gpus=1 if e.use_gpu else 0, num_cpus=0 if e.use_gpu else threads)

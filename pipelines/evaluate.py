@@ -32,7 +32,7 @@ from allmrec.config import Config, config_from_dict, load_config
 from allmrec.data.load import Prepared
 from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
 from allmrec.metrics import ranks_from_scores, summarize
-from pipelines.common import clear_leftovers, init_ray, up_to_date
+from pipelines.common import actor_pool, clear_leftovers, init_ray, up_to_date
 from pipelines.fingerprints import CF_VARIANTS, variant_inputs  # CF_VARIANTS: every registered CF model, "cf", most_popular
 
 log = logging.getLogger("allmrec.evaluate")
@@ -212,7 +212,7 @@ def evaluate(cfg: Config, force: bool = False) -> Path:
             n_act = max(1, e.num_actors)
             ds = ray.data.from_pandas(rows).repartition(max(n_act * 2, len(rows) // (4 * e.batch_size) + 1))
             ds = ds.map_batches(LLMScorer, batch_size=e.batch_size, batch_format="pandas",
-                                compute=ray.data.ActorPoolStrategy(size=n_act),
+                                compute=actor_pool(n_act),
                                 fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "variant": variant,
                                                        "threads": max(1, cores // n_act), "use_gpu": e.use_gpu,
                                                        "item_table": table},

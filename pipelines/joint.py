@@ -14,6 +14,7 @@ from safetensors.torch import load as st_load
 from allmrec.artifacts import cf_from_files
 from allmrec.config import Config, config_from_dict
 from allmrec.data.load import Prepared
+from pipelines.common import actor_pool
 
 
 def build_stage1_model(cfg: Config, cf_dim: int, device: str = "cpu"):
@@ -71,7 +72,7 @@ def item_table(cfg: Config, cf_files: dict[str, bytes], export: bytes, prep: Pre
         texts[int(i)] = t
     ds = ray.data.from_items([{"item": int(i)} for i in range(0, len(texts))])
     return ds.repartition(max(2, len(texts) // 512)).map_batches(
-        JointEmbedder, batch_size=64, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+        JointEmbedder, batch_size=64, batch_format="numpy", compute=actor_pool(1),
         # the big inputs travel once through the object store (wrapped so Ray does not inline them)
         fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "bundle_ref": [ray.put((cf_files, export, texts))],
                                "threads": cfg.torch_threads or os.cpu_count() or 1, "text_only": text_only},

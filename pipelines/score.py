@@ -22,7 +22,7 @@ import torch
 from allmrec.artifacts import RESOLVED_CONFIG, RunFolder, cf_top_n, user_reps
 from allmrec.config import Config, config_from_dict
 from allmrec.io import fingerprint, read_manifest, write_json_atomic
-from pipelines.common import clear_leftovers, init_ray
+from pipelines.common import actor_pool, clear_leftovers, init_ray
 from pipelines.fingerprints import model_identity, prompt_digest
 
 log = logging.getLogger("allmrec.score")
@@ -133,7 +133,7 @@ def score(cfg: Config, force: bool = False) -> Path:
         n_act = max(1, min(s.num_actors, len(todo)))
         ds = ray.data.from_pandas(pd.DataFrame(todo, columns=["chunk", "lo", "hi"])).repartition(len(todo))
         done = ds.map_batches(ChunkScorer, batch_size=1, batch_format="pandas",
-                              compute=ray.data.ActorPoolStrategy(size=n_act),
+                              compute=actor_pool(n_act),
                               fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "out_dir": str(out_dir),
                                                      "threads": max(1, (os.cpu_count() or 1) // n_act)},
                               num_cpus=1).to_pandas()

@@ -3,7 +3,7 @@
 One `train_func` run by every worker: DDP over gloo (CPU) or NCCL (GPU) via `prepare_model`; training
 rows reach workers as Ray Data shards (`get_dataset_shard`); negatives are drawn on the worker from a
 generator seeded by (seed, epoch, rank). Validation Hit@1/NDCG@10 every `eval_every` epochs on the
-seeded validation candidates, early stopping on NDCG@10, a checkpoint per epoch (2 kept) through
+seeded validation candidates, early stopping on NDCG@10, a checkpoint every `cf.checkpoint_every` epochs (2 kept) through
 `ray.train.report`, automatic resume after a worker failure (`FailureConfig`).
 """
 from __future__ import annotations
@@ -126,13 +126,13 @@ def train_func(config: dict) -> None:
         stop = bad >= c.patience
         if rank == 0:
             tracker.epoch(rec, epoch, c.epochs)
-        if rank == 0:
+        if rank == 0 and (epoch % c.checkpoint_every == 0 or stop or epoch == c.epochs):
             with tempfile.TemporaryDirectory() as tmp:
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "best_model": best_state,
                             "epoch": epoch, "history": json.dumps(history), "best": best, "bad": bad},
                            Path(tmp) / "state.pt")
                 ray.train.report(rec, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
+        else:  # metrics only: the last checkpoint stays the one to resume from
             ray.train.report(rec)
         if stop:
             break
@@ -155,8 +155,9 @@ def train_cf(cfg: Config, force: bool = False, fail_at_epoch: int | None = None)
     if needs_text and m_enc is None:
         raise FileNotFoundError(f"cf.model={c.model} builds its item embeddings from the items' SBERT vectors, "
                                 f"but {enc_dir} holds none: run `allmrec encode` first")
-    fp = fingerprint({"data": m["fingerprint"], "cf": cfg.to_dict()["cf"] | {"num_workers": None, "use_gpu": None,
-                                                                           "max_failures": None},
+    how = {"num_workers": None, "use_gpu": None, "max_failures": None}  # where and how it ran, not what it learned
+    cf_settings = {k: v for k, v in cfg.to_dict()["cf"].items() if k != "checkpoint_every"} | how
+    fp = fingerprint({"data": m["fingerprint"], "cf": cf_settings,
                       "seed": cfg.seed, **({"fewshot": cfg.fewshot} if cfg.fewshot else {}),
                       **({"encode": m_enc["fingerprint"]} if needs_text else {})})
     if up_to_date("train-cf", out_dir, fp, force):

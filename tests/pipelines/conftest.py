@@ -32,8 +32,9 @@ def write_markov_seq_txt(folder: Path, n_users: int = 120, n_items: int = 60, se
 
 # train-cf settings shared by tests/pipelines/test_train_cf.py and test_train_cf_agnostic.py (collected after
 # it): the same run folder ("run") and fingerprints, so the second finds these CF models trained, side by side
-CF_SASREC = ("cf.epochs=3", "cf.num_workers=2", "cf.patience=50", "cf.lr=0.01")
-CF_GRU4REC = ("cf.epochs=3", "cf.num_workers=1", "cf.patience=50", "cf.max_failures=1", "cf.model=gru4rec")
+CF_SASREC = ("cf.epochs=3", "cf.num_workers=2", "cf.patience=50", "cf.lr=0.01", "cf.checkpoint_every=1")
+CF_GRU4REC = ("cf.epochs=3", "cf.num_workers=1", "cf.patience=50", "cf.max_failures=1", "cf.model=gru4rec",
+              "cf.checkpoint_every=1")  # the resume test needs epoch 1's checkpoint
 
 
 @pytest.fixture(scope="session")
