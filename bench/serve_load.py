@@ -15,13 +15,20 @@ loopback; every phase is bounded in requests and seconds.
    served wall time / offline time of the same requests.
 4. Overload: a burst of --burst simultaneous requests against queues of --batch ongoing + --batch
    queued at the LLM: counts of 200 and 503 (with Retry-After), then /healthz and one more request.
+   The burst's requests carry serve.max_candidates candidates (the most a request may ask to rank:
+   the largest memory per request), unless --burst-candidates says otherwise.
+5. Replica death (--kill-replica): --kill-burst requests in flight, then SIGKILL of the LLM replica's
+   process while they are being served; every status (200, 503 + Retry-After expected, never 500), the
+   replica's PID before and after, and the seconds until a request is answered 200 again.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import signal
 import socket
+import subprocess
 import time
 
 import numpy as np
@@ -89,6 +96,59 @@ async def _load(url: str, reqs: list[dict], conc: int, max_s: float) -> dict:
     return {"latencies": lat, "codes": codes, "tops": tops, "wall": wall, "loadavg": loadavg()[0]}
 
 
+def _max_candidates_body(cfg, body: dict, n: int) -> dict:
+    """`body` with its candidates extended to `n` (the user's evaluation candidates first, then seeded
+    items the user never interacted with, as a client asking to rank a large pool would send)."""
+    from allmrec.artifacts import RunFolder
+    prep = RunFolder(cfg).prepared()
+    seen = set(map(int, prep.sequences.set_index("user")["seq"][body["user_id"]]))
+    have = list(body["candidates"])
+    pool = [i for i in np.random.default_rng([cfg.seed, 7]).permutation(np.arange(1, prep.n_items + 1))
+            if int(i) not in seen and int(i) not in have]
+    return {**body, "candidates": (have + [int(i) for i in pool])[:n]}
+
+
+def _llm_replica_pids() -> list[int]:
+    """PIDs of the LLM deployment's replica processes (Ray names them ray::ServeReplica:<app>:LLM)."""
+    out = subprocess.run(["pgrep", "-f", r"ServeReplica:.*:LLM"], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def _kill_replica(url: str, body: dict, n: int, wait_s: float) -> dict:
+    """n requests in flight, SIGKILL of the LLM replica once they are being served, every status; then
+    how long until a request is answered 200 again (Serve restarts the replica)."""
+    import httpx
+
+    async def run() -> tuple[list, dict]:
+        async with httpx.AsyncClient(base_url=url, timeout=900, limits=httpx.Limits(max_connections=n)) as ac:
+            tasks = [asyncio.create_task(ac.post("/v1/recommend", json=body)) for _ in range(n)]
+            await asyncio.sleep(wait_s)  # the first requests reach the LLM and are being ranked
+            before = _llm_replica_pids()
+            for pid in before:
+                os.kill(pid, signal.SIGKILL)
+            killed_at = time.perf_counter()
+            rs = await asyncio.gather(*tasks, return_exceptions=True)
+            return rs, {"pids_killed": before, "killed_at": killed_at}
+
+    rs, info = asyncio.run(run())
+    codes = [r.status_code if not isinstance(r, Exception) else type(r).__name__ for r in rs]
+    out = {"n": n, "pids_killed": info["pids_killed"], "codes": {str(k): codes.count(k) for k in sorted(set(map(str, codes)))},
+           "retry_after_on_all_503": all(r.headers.get("retry-after") for r in rs
+                                         if not isinstance(r, Exception) and r.status_code == 503),
+           "json_bodies": all(r.headers.get("content-type", "").startswith("application/json") for r in rs
+                              if not isinstance(r, Exception))}
+    t = time.perf_counter()
+    status = None
+    while time.perf_counter() - t < 300:  # Serve's controller replaces the dead replica
+        status = httpx.post(url + "/v1/recommend", json=body, timeout=600).status_code
+        if status == 200:
+            break
+        time.sleep(2)
+    out.update(recovered_status=status, recovered_after_s=round(time.perf_counter() - info["killed_at"], 1),
+               pids_after=_llm_replica_pids())
+    return out
+
+
 async def _burst(url: str, body: dict, n: int) -> list:
     import httpx
     async with httpx.AsyncClient(base_url=url, timeout=900, limits=httpx.Limits(max_connections=n)) as ac:
@@ -102,6 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--levels", default="1,2,4,8", help="concurrent clients, comma-separated")
     ap.add_argument("--batch", type=int, default=8, help="LLM max batch size (served and offline)")
     ap.add_argument("--burst", type=int, default=24, help="simultaneous requests of the overload run (0: skip)")
+    ap.add_argument("--burst-candidates", type=int, default=None,
+                    help="candidates per burst request (default: serve.max_candidates, the most allowed)")
+    ap.add_argument("--kill-replica", action="store_true", help="then SIGKILL the LLM replica under load")
+    ap.add_argument("--kill-burst", type=int, default=12, help="requests in flight when the replica is killed")
     ap.add_argument("--max-seconds", type=float, default=300, help="per level: no new request after this")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of the LLM, served (replica CPUs) and offline alike (1: see docs)")
@@ -139,19 +203,32 @@ def main(argv: list[str] | None = None) -> dict:
             for c in levels:
                 runs[c] = asyncio.run(_load(url, reqs, c, args.max_seconds))
                 print(f"c={c}: {len(runs[c]['codes'])} requests in {runs[c]['wall']:.1f} s", flush=True)
-            burst = None
+            burst = kill = None
             if args.burst:
                 t = time.perf_counter()
-                rs = asyncio.run(_burst(url, reqs[0], args.burst))
+                n_cand = args.burst_candidates or cfg.serve.max_candidates
+                body = _max_candidates_body(cfg, reqs[0], n_cand)
+                pids_before = _llm_replica_pids()
+                rs = asyncio.run(_burst(url, body, args.burst))
                 import httpx
                 after = httpx.post(url + "/v1/recommend", json=reqs[0], timeout=600).status_code
                 codes = [r.status_code for r in rs]
-                burst = {"n": args.burst, "seconds": round(time.perf_counter() - t, 1),
+                queue_limit = tuning["llm_max_ongoing"] + tuning["llm_max_queued"]
+                burst = {"n": args.burst, "candidates": len(body["candidates"]), "llm_queue_limit": queue_limit,
+                         "x_queue_limit": round(args.burst / queue_limit, 2), "seconds": round(time.perf_counter() - t, 1),
+                         "json_bodies": all(r.headers.get("content-type", "").startswith("application/json") for r in rs),
+                         # no replica died under the burst (Ray's memory monitor kills by PID)
+                         "llm_replica_pids_same": bool(pids_before) and _llm_replica_pids() == pids_before,
                          "codes": {str(k): codes.count(k) for k in sorted(set(codes))},
                          "retry_after_on_all_503": all(r.headers.get("retry-after") for r in rs
                                                        if r.status_code == 503),
-                         "healthz_after": httpx.get(url + "/healthz", timeout=30).status_code, "request_after": after}
+                         "healthz_after": httpx.get(url + "/healthz", timeout=30).status_code, "request_after": after,
+                         "loadavg": loadavg()}
                 print(f"burst: {burst}", flush=True)
+            if args.kill_replica:
+                kill = _kill_replica(url, reqs[0], args.kill_burst, wait_s=3.0)
+                kill["loadavg"] = loadavg()
+                print(f"replica kill: {kill}", flush=True)
         finally:
             stop()
         # offline after the service is down: the two never compete for the cores
@@ -178,11 +255,12 @@ def main(argv: list[str] | None = None) -> dict:
         result.setdefault("served_tops", {})[c] = r["tops"]
     result["offline_tops"] = {k: off[k]["tops"] for k in ("single", "batched")}
     result["burst"] = burst
+    result["replica_kill"] = kill
     result["loadavg_end"] = loadavg()
     cols = ["clients", "requests", "ok", "p50_s", "p99_s", "req_per_s", "same_ranking_as_offline", "overhead_vs_batch",
             "overhead_vs_single", "loadavg_1m"]
     print(table(result["rows"], cols))
-    print(f"offline: {result['offline']}; startup {result['startup_s']} s; burst {burst}; "
+    print(f"offline: {result['offline']}; startup {result['startup_s']} s; burst {burst}; replica kill {kill}; "
           f"peak RSS {result['peak_rss_gib']} GiB")
     print("results:", write_results("serve_load", result))
     return result

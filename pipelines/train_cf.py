@@ -126,14 +126,18 @@ def train_func(config: dict) -> None:
         stop = bad >= c.patience
         if rank == 0:
             tracker.epoch(rec, epoch, c.epochs)
-        if rank == 0 and (epoch % c.checkpoint_every == 0 or stop or epoch == c.epochs):
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "best_model": best_state,
-                            "epoch": epoch, "history": json.dumps(history), "best": best, "bad": bad},
-                           Path(tmp) / "state.pt")
-                ray.train.report(rec, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:  # metrics only: the last checkpoint stays the one to resume from
-            ray.train.report(rec)
+        # Report (and checkpoint) every `checkpoint_every` epochs, at early stopping and at the last epoch, the
+        # same epochs on every rank: Ray Train v2 queues one result per worker and its controller takes it at
+        # its 2-s poll, so a report per 0.6-s epoch made every epoch last 2 s (docs/benchmarks.md, "train_cf")
+        if epoch % c.checkpoint_every == 0 or stop or epoch == c.epochs:
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as tmp:
+                    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "best_model": best_state,
+                                "epoch": epoch, "history": json.dumps(history), "best": best, "bad": bad},
+                               Path(tmp) / "state.pt")
+                    ray.train.report(rec, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(rec)
         if stop:
             break
     tracker.end()
