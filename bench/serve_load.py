@@ -108,6 +108,16 @@ def _max_candidates_body(cfg, body: dict, n: int) -> dict:
     return {**body, "candidates": (have + [int(i) for i in pool])[:n]}
 
 
+def _content_types(rs: list) -> dict:
+    """{status: {content type: count}} of the responses."""
+    out: dict = {}
+    for r in rs:
+        ct = r.headers.get("content-type", "").split(";")[0] or "none"
+        out.setdefault(str(r.status_code), {}).setdefault(ct, 0)
+        out[str(r.status_code)][ct] += 1
+    return out
+
+
 def _llm_replica_pids() -> list[int]:
     """PIDs of the LLM deployment's replica processes (Ray names them ray::ServeReplica:<app>:LLM)."""
     out = subprocess.run(["pgrep", "-f", r"ServeReplica:.*:LLM"], capture_output=True, text=True).stdout
@@ -131,12 +141,11 @@ def _kill_replica(url: str, body: dict, n: int, wait_s: float) -> dict:
             return rs, {"pids_killed": before, "killed_at": killed_at}
 
     rs, info = asyncio.run(run())
-    codes = [r.status_code if not isinstance(r, Exception) else type(r).__name__ for r in rs]
-    out = {"n": n, "pids_killed": info["pids_killed"], "codes": {str(k): codes.count(k) for k in sorted(set(map(str, codes)))},
+    codes = [str(r.status_code) if not isinstance(r, Exception) else type(r).__name__ for r in rs]
+    out = {"n": n, "pids_killed": info["pids_killed"], "codes": {k: codes.count(k) for k in sorted(set(codes))},
            "retry_after_on_all_503": all(r.headers.get("retry-after") for r in rs
                                          if not isinstance(r, Exception) and r.status_code == 503),
-           "json_bodies": all(r.headers.get("content-type", "").startswith("application/json") for r in rs
-                              if not isinstance(r, Exception))}
+           "content_types": _content_types([r for r in rs if not isinstance(r, Exception)])}
     t = time.perf_counter()
     status = None
     while time.perf_counter() - t < 300:  # Serve's controller replaces the dead replica
@@ -216,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
                 queue_limit = tuning["llm_max_ongoing"] + tuning["llm_max_queued"]
                 burst = {"n": args.burst, "candidates": len(body["candidates"]), "llm_queue_limit": queue_limit,
                          "x_queue_limit": round(args.burst / queue_limit, 2), "seconds": round(time.perf_counter() - t, 1),
-                         "json_bodies": all(r.headers.get("content-type", "").startswith("application/json") for r in rs),
+                         "content_types": _content_types(rs),
                          # no replica died under the burst (Ray's memory monitor kills by PID)
                          "llm_replica_pids_same": bool(pids_before) and _llm_replica_pids() == pids_before,
                          "codes": {str(k): codes.count(k) for k in sorted(set(codes))},
