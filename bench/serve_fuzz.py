@@ -5,7 +5,7 @@
 
 Loopback only, bounded in cases and in seconds. Needs no trained run: the real Serve app
 (serve.cli.start, the same deployments as production) runs on the tiny run folder of
-tests/serve/tiny_run.py, built in a temporary folder (a Ray prepare job, the packaged MiniLM, a random
+bench/fixtures.py (`build_run`), built in a temporary folder (a Ray prepare job, the packaged MiniLM, a random
 2-layer Llama: about a minute). The generated requests come from the running service's /openapi.json
 and are sent one at a time; POST /v1/recommend gets three groups of --cases / 3:
 
@@ -286,7 +286,7 @@ def _run(args, result: dict, tmp: Path) -> None:
 
     from allmrec.data.load import Prepared
     from serve.cli import start
-    from tests.serve.tiny_run import build_run
+    from bench.fixtures import build_run
 
     t0 = time.perf_counter()
     cfg = build_run(tmp, "serve.host=127.0.0.1", "ray.progress=false")  # loopback only

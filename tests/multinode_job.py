@@ -149,8 +149,8 @@ def stage2_step(config: dict) -> None:
 
 
 def train_across_nodes(workdir: Path) -> list[dict]:
-    sys.path.insert(0, str(REPO / "tests" / "pipelines"))
-    from conftest import save_tiny_llama  # the tiny random Llama the pipeline tests use
+    sys.path.insert(0, str(REPO))
+    from bench.fixtures import save_tiny_llama  # the tiny random Llama the pipeline tests use
 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -7,27 +7,7 @@ import numpy as np
 import pytest
 
 from allmrec.config import load_config
-
-
-def write_markov_seq_txt(folder: Path, n_users: int = 120, n_items: int = 60, seed: int = 0) -> Path:
-    """user_sequence.txt + item texts: each item is mostly followed by one of two successors."""
-    rng = np.random.default_rng(seed)
-    succ = rng.integers(0, n_items, size=(n_items, 2))
-    lines = []
-    for u in range(n_users):
-        x = int(rng.integers(n_items))
-        seq = [x]
-        while len(seq) < int(rng.integers(6, 12)):
-            x = int(succ[x, rng.integers(2)]) if rng.random() < 0.85 else int(rng.integers(n_items))
-            if x not in seq:
-                seq.append(x)
-        lines.append(f"u{u:04d} " + " ".join(f"i{i:03d}" for i in seq))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "user_sequence.txt").write_text("\n".join(lines) + "\n")
-    words = ["red", "blue", "lamp", "glove", "bottle", "rope", "tent", "ball", "shoe", "cap"]
-    (folder / "item_generative_indexing_phase_0.txt").write_text(
-        "".join(f"i{i:03d} {words[i % 10]} {words[(i // 10) % 10]} model {i}\n" for i in range(n_items)))
-    return folder
+from bench.fixtures import save_tiny_llama, write_markov_seq_txt  # noqa: F401  (the tests' synthetic inputs)
 
 
 # train-cf settings shared by tests/pipelines/test_train_cf.py and test_train_cf_agnostic.py (collected after
@@ -56,31 +36,6 @@ def tiny_cfg_factory(ray_session, tmp_path_factory):
         return cfg
 
     return make
-
-
-def save_tiny_llama(folder: Path, extra_corpus: list[str] | tuple = (), vocab_size: int = 200) -> Path:
-    """A tiny random Llama + a BPE tokenizer trained on the prompt and item words (+ `extra_corpus`, e.g.
-    item titles), saved like any HF model folder."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    corpus = ["is a user representation. This user has bought in the past. Recommend an item for this user "
-              "to buy next from the following set of item titles, The recommendation is not any items yet",
-              "red blue lamp glove bottle rope tent ball shoe cap model 0123456789 ().,:'!?-", *extra_corpus]
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Metaspace()
-    t.decoder = decoders.Metaspace()
-    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"]))
-    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.token_to_id("<s>"))])
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=1, eos_token_id=2, initializer_range=0.2)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The online service end to end over HTTP (loopback), on one Serve app for the whole module.
 
-The run folder is tiny_run.build_run's: small and untrained but real in every format (prepared data,
+The run folder is bench.fixtures.build_run's: small and untrained but real in every format (prepared data,
 SASRec, Stage-1 export, Stage-2 projector, a tiny random Llama with its own tokenizer).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_run import build_run  # tests/serve/tiny_run.py (pytest puts tests/serve on sys.path)
+from bench.fixtures import build_run
 
 pytestmark = pytest.mark.ray
 httpx = pytest.importorskip("httpx")

@@ -1,16 +1,14 @@
-"""A tiny but complete trained run folder for the service: what tests/serve and bench/serve_fuzz.py start.
+"""Small synthetic inputs shared by the benchmarks and the tests: a Markov-structured interaction file, a
+tiny random Llama with its own tokenizer, and a tiny but complete run folder for the service.
 
-`build_run(root, *overrides)` writes, small and untrained but real in every format: prepared data (the
-Ray prepare job on a synthetic Markov set), a SASRec saved with CFModel.save, Stage-1 joint_emb.parquet +
-export.safetensors (aligner keys, frozen MiniLM), a Stage-2 projector, and a tiny random Llama with its
-own tokenizer saved with save_pretrained (stage2.llm is a local path). Needs only the packaged MiniLM.
-
-Importable as `tiny_run` from tests/serve (pytest puts that folder on sys.path) and as
-`tests.serve.tiny_run` from the repository root (`python -m bench.serve_fuzz`).
+`build_run(root, *overrides)` writes, small and untrained but real in every format: prepared data (the Ray
+prepare job on the synthetic Markov set), a SASRec saved with CFModel.save, Stage-1 joint_emb.parquet +
+export.safetensors (aligner keys, frozen MiniLM), a Stage-2 projector, and a tiny random Llama with its own
+tokenizer saved with save_pretrained (stage2.llm is a local path). Needs only the packaged MiniLM. Used by
+`python -m bench.serve_fuzz` and tests/serve; the tests import from here (bench/ never imports tests/).
 """
 from __future__ import annotations
 
-import importlib.util
 import socket
 from pathlib import Path
 
@@ -19,15 +17,51 @@ import torch
 
 from allmrec.config import load_config
 
-TESTS = Path(__file__).resolve().parents[1]
+
+def write_markov_seq_txt(folder: Path, n_users: int = 120, n_items: int = 60, seed: int = 0) -> Path:
+    """user_sequence.txt + item texts: each item is mostly followed by one of two successors."""
+    rng = np.random.default_rng(seed)
+    succ = rng.integers(0, n_items, size=(n_items, 2))
+    lines = []
+    for u in range(n_users):
+        x = int(rng.integers(n_items))
+        seq = [x]
+        while len(seq) < int(rng.integers(6, 12)):
+            x = int(succ[x, rng.integers(2)]) if rng.random() < 0.85 else int(rng.integers(n_items))
+            if x not in seq:
+                seq.append(x)
+        lines.append(f"u{u:04d} " + " ".join(f"i{i:03d}" for i in seq))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "user_sequence.txt").write_text("\n".join(lines) + "\n")
+    words = ["red", "blue", "lamp", "glove", "bottle", "rope", "tent", "ball", "shoe", "cap"]
+    (folder / "item_generative_indexing_phase_0.txt").write_text(
+        "".join(f"i{i:03d} {words[i % 10]} {words[(i // 10) % 10]} model {i}\n" for i in range(n_items)))
+    return folder
 
 
-def _pipelines_conftest():
-    """tests/pipelines/conftest.py as a module (its Markov data writer and tiny Llama builder)."""
-    spec = importlib.util.spec_from_file_location("_pipelines_conftest", TESTS / "pipelines" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def save_tiny_llama(folder: Path, extra_corpus: list[str] | tuple = (), vocab_size: int = 200) -> Path:
+    """A tiny random Llama + a BPE tokenizer trained on the prompt and item words (+ `extra_corpus`, e.g.
+    item titles), saved like any HF model folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = ["is a user representation. This user has bought in the past. Recommend an item for this user "
+              "to buy next from the following set of item titles, The recommendation is not any items yet",
+              "red blue lamp glove bottle rope tent ball shoe cap model 0123456789 ().,:'!?-", *extra_corpus]
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    t.decoder = decoders.Metaspace()
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"]))
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.token_to_id("<s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
 
 
 def _free_port() -> int:
@@ -38,7 +72,7 @@ def _free_port() -> int:
 
 def _tiny_llm(folder: Path, titles: list[str]) -> None:
     """The pipeline tests' 2-layer random Llama, its tokenizer also trained on these item titles."""
-    _pipelines_conftest().save_tiny_llama(
+    save_tiny_llama(
         folder, ["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ \"", *titles], vocab_size=300)
 
 
@@ -58,7 +92,7 @@ def build_run(root: Path, *overrides: str, n_users: int = 80, n_items: int = 40)
     from allmrec.recommender import build_projector
     from pipelines.prepare import prepare
 
-    data = _pipelines_conftest().write_markov_seq_txt(root / "raw", n_users=n_users, n_items=n_items)
+    data = write_markov_seq_txt(root / "raw", n_users=n_users, n_items=n_items)
     cfg = load_config(None, [
         f"run_dir={root / 'run'}", f"data.path={data}", "data.format=seq_txt", "data.k_core=2", "data.n_negatives=7",
         "data.fewshot_k=[16]", "cf.hidden=16", "cf.max_len=12", "stage1.latent=16", "stage1.sbert_trainable_layers=0",
