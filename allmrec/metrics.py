@@ -52,6 +52,11 @@ def mrr(ranks) -> float:
     return float(np.mean(1.0 / (_ranks(ranks) + 1.0)))
 
 
+def proportion_se(p: float, n: int) -> float:
+    """Binomial standard error of a proportion p over n users (Hit@K): sqrt(p (1 - p) / n)."""
+    return float(np.sqrt(p * (1 - p) / n))
+
+
 def summarize(ranks, ks: tuple[int, ...] = (1, 3, 5, 10)) -> dict[str, float | int]:
     """{"hit@1": ..., "ndcg@1": ..., ..., "mrr": ..., "n": number of users}."""
     r = _ranks(ranks)

@@ -136,7 +136,7 @@ class LLMRecommender:
         return self._target_ids[item]
 
     def batch(self, examples: Sequence[Example], with_target: bool,
-              question: str | None = None) -> dict[str, torch.Tensor]:
+              question: str | None = None, cand_first: bool = False) -> dict[str, torch.Tensor]:
         """Token ids, mask, labels and the CF vectors (user reps, item vectors in placeholder order).
         `question`: the user and history part of the prompt, then this question instead of the
         candidates (which, like the target, are then not shown)."""
@@ -154,7 +154,7 @@ class LLMRecommender:
                                            tgt))
             slots.append([*hist, *ex.candidates])
         out = self.prompts.collate(encs)
-        if with_target:  # the candidates' first answer tokens (Stage-2's candidate_softmax), -1 = none
+        if cand_first:  # the candidates' first answer tokens (Stage-2's candidate_softmax), -1 = none
             C = max(len(ex.candidates) for ex in examples)
             out["cand_first"] = torch.tensor([[self.target_ids(i)[0] for i in ex.candidates] + [-1] * (C - len(ex.candidates))
                                               for ex in examples], dtype=torch.long)

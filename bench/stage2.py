@@ -356,13 +356,11 @@ def main(argv: list[str] | None = None) -> dict:
     base = runs.get("baseline", {})
     rows = []
     for name, r in runs.items():
-        # a Ray row against the in-process loop that runs the same step: compiled (ZeRO-0/1/2) or not (ZeRO-3)
-        ref_name = "ours_bf16_compiled" if r.get("compiled") and "ours_bf16_compiled" in runs else "ours_bf16"
-        if name.startswith("ray") or (name.startswith("ours_bf16") and name != "ours_bf16"):
-            vs, r["vs"] = runs.get(ref_name if name.startswith("ray") else "ours_bf16", {}), (
-                ref_name if name.startswith("ray") else "ours_bf16")
+        if name.startswith("ray"):  # against the in-process loop that runs the same step: compiled (ZeRO-0/1/2) or not
+            r["vs"] = "ours_bf16_compiled" if r.get("compiled") and "ours_bf16_compiled" in runs else "ours_bf16"
         else:
-            vs, r["vs"] = base, "baseline"
+            r["vs"] = "ours_bf16" if name.startswith("ours_bf16") and name != "ours_bf16" else "baseline"
+        vs = runs.get(r["vs"], {})
         r["ratio"] = ratio(r["users_per_s"], vs.get("users_per_s"))
         r["cpu_ratio"] = ratio(r["users_per_cpu_s"], vs.get("users_per_cpu_s"))
         rows.append({"configuration": LABELS[name], "users": r["users"], "users/s": r["users_per_s"],

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from allmrec.cf.trainer import evaluate_candidates, popularity_scores
 from allmrec.config import Config, config_from_dict, load_config
 from allmrec.data.load import Prepared
 from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
-from allmrec.metrics import ranks_from_scores, summarize
+from allmrec.metrics import proportion_se, ranks_from_scores, summarize
 from pipelines.common import actor_pool, clear_leftovers, init_ray, up_to_date
 from pipelines.fingerprints import CF_VARIANTS, variant_inputs  # CF_VARIANTS: every registered CF model, "cf", most_popular
 
@@ -289,9 +288,7 @@ def summarize_results(res: pd.DataFrame) -> dict:
 def hit1_se(m: dict) -> float | None:
     """Standard error of a scenario's Hit@1, a proportion over its n users: sqrt(p (1 - p) / n)."""
     p, n = m.get("hit@1"), m.get("n")
-    if p is None or not n:
-        return None
-    return math.sqrt(p * (1 - p) / n)
+    return None if p is None or not n else proportion_se(p, n)
 
 
 def _hit1_cell(m: dict | None) -> str:

@@ -52,6 +52,7 @@ def next_title_epochs(engine, rec, train: dict, reps, cfg: Config, *, name: str,
     from pipelines import engine as eng
 
     rank, n_rows = dist.get_rank(), len(train["user"])
+    cand_first = getattr(engine.module, "candidate_softmax", 0) > 0  # the loss's term needs the candidates' first tokens
     tracker = Tracker(track, name, cfg.to_dict(), rank)  # MLflow (`track`: tracking.settings): rank 0 only
     state = eng.restore(engine, start_from) or {}
     start, history = state.get("epoch", 0) + 1, state.get("history", [])
@@ -69,7 +70,7 @@ def next_title_epochs(engine, rec, train: dict, reps, cfg: Config, *, name: str,
         for i in range(0, n_rows, batch_size):
             exs = [Example(None if reps is None else reps[j], train["hist"][j], train["cands"][j],
                            int(train["target"][j])) for j in order[i:i + batch_size]]
-            loss = engine(rec.batch(exs, with_target=True), rec.prompts.placeholders)
+            loss = engine(rec.batch(exs, with_target=True, cand_first=cand_first), rec.prompts.placeholders)
             engine.backward(loss)
             engine.step()
             step_losses.append(float(loss.detach()))

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
+
+from allmrec.metrics import proportion_se
 
 SCENARIOS = ("overall", "warm_items", "cold_items", "cold_users")
 SAME = ("data", "seed", "mode", "users_overall", "users_cold")
@@ -36,7 +37,7 @@ def cell(m: dict | None, key: str = "hit@1", se: bool = False) -> str:
     v = m[key]
     if not se:
         return f"{v:.4f}"
-    return f"{v:.4f} ± {math.sqrt(v * (1 - v) / m['n']):.3f}"
+    return f"{v:.4f} ± {proportion_se(v, m['n']):.3f}"
 
 
 def table(reports: list[tuple[str | None, dict]], models: list[str] | None = None, mixed: bool = False,
