@@ -238,6 +238,10 @@ class Stage2Config:
     # per step on CPU, docs/benchmarks.md). auto = unless ZeRO-3 partitions the weights (its hooks and
     # compiled graphs do not mix); always (an error with zero_stage 3); never
     compile: str = F("auto", choices=("auto", "always", "never"))
+    # the training seed of Stage-2 and TALLRec (initial weights, training negatives, batch order); None: the
+    # run's `seed`. Another value trains another seed of the same cell on the same data, splits, candidates
+    # and evaluation (the run's `seed` draws those), which is how a cell's seed-to-seed spread is measured
+    seed: int | None = F(None, ge=0)
 
     def compiles(self) -> bool:
         """Whether Stage-2 compiles the LLM's decoder blocks."""
@@ -335,6 +339,10 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def train_seed(self) -> int:
+        """The seed of Stage-2's and TALLRec's training draws: `stage2.seed`, else the run's `seed`."""
+        return self.seed if self.stage2.seed is None else self.stage2.seed
 
     def problems(self, check_files: bool = True) -> list[str]:
         """Every rule this config breaks: the declared per-field rules, then the rules between fields."""

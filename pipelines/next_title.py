@@ -64,7 +64,7 @@ def next_title_epochs(engine, rec, train: dict, reps, cfg: Config, *, name: str,
             raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
         t0, c0 = time.perf_counter(), time.process_time()
         # ZeRO-3 needs the same number of steps on every rank: Ray Data's split gives equal-sized shards
-        order = np.random.default_rng([cfg.seed, epoch, 0]).permutation(n_rows)
+        order = np.random.default_rng([cfg.train_seed(), epoch, 0]).permutation(n_rows)
         total, n_steps, step_losses = 0.0, 0, []
         engine.train()  # LoRA dropout on (TALLRec); the frozen LLM has no dropout in use
         for i in range(0, n_rows, batch_size):
@@ -114,7 +114,7 @@ def next_title_datasets(ray, cfg: Config, prep: Prepared, data_dir: Path, max_us
     if keep is not None:
         seq_ds = seq_ds.filter(lambda r: r["user"] in keep)
     train_ds = seq_ds.map_batches(next_title_examples, batch_format="pyarrow", fn_kwargs={
-        "n_items": prep.n_items, "n_negatives": cfg.data.n_negatives, "seed": cfg.seed,
+        "n_items": prep.n_items, "n_negatives": cfg.data.n_negatives, "seed": cfg.train_seed(),
         "examples_per_user": examples_per_user})
     return train_ds, ray.data.read_parquet(str(data_dir / schema.ITEMS), columns=["item", "title"])
 

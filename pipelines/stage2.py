@@ -50,7 +50,7 @@ def train_func(config: dict) -> None:
         compile_layers(llm)
     cf = cf_from_files(config["cf_files"]).to(device)
     vectors = config["item_vectors"]
-    torch.manual_seed(cfg.seed)  # identical projector initialisation on every rank
+    torch.manual_seed(cfg.train_seed())  # identical projector initialisation on every rank
     llm_dim = llm.config.hidden_size
     projector = build_projector(s2.item_tokens, s2.use_user_token, cf.hidden,
                                 None if vectors is None else vectors.shape[1], llm_dim)
@@ -80,7 +80,7 @@ def _fingerprinted(cfg: Config) -> dict:
     left out at their default, so projectors trained before they existed stay up to date."""
     s2 = cfg.to_dict()["stage2"] | {"num_workers": None, "use_gpu": None}
     s2.pop("compile", None)  # how fast, not what is trained
-    for key in ("choice_weight", "candidate_softmax", "examples_per_user", *Stage2Config.LAYOUT_KEYS):
+    for key in ("choice_weight", "candidate_softmax", "examples_per_user", "seed", *Stage2Config.LAYOUT_KEYS):
         if s2[key] == getattr(Stage2Config, key):
             del s2[key]
     return s2

@@ -56,7 +56,7 @@ def train_func(config: dict) -> None:
     conf = eng.deepspeed_config(t.deepspeed_config, micro_batch=t.batch_size, zero_stage=t.zero_stage,
                                 bf16=s2.bf16 and t.use_gpu, overrides=config.get("ds_overrides"))
     llm, tok = load_frozen_llm(cfg, device, conf)
-    torch.manual_seed(cfg.seed)  # identical adapter initialisation on every rank
+    torch.manual_seed(cfg.train_seed())  # identical adapter initialisation on every rank
     # The adapters are created outside zero.Init; deepspeed.initialize partitions them with the rest.
     llm = add_lora(llm, t.lora_r, t.lora_alpha, t.lora_dropout, t.target_modules or None)
     n_lora = sum(p.numel() for p in llm.parameters() if p.requires_grad)
@@ -86,7 +86,7 @@ def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
     epochs, max_users = budget(cfg)
     out_dir = rf.tallrec
     # What the adapters depend on: the data, the seed, TALLRec's settings, and the LLM + prompt from stage2.
-    fp = fingerprint({"data": m["fingerprint"], "seed": cfg.seed, "epochs": epochs, "max_users": max_users,
+    fp = fingerprint({"data": m["fingerprint"], "seed": cfg.train_seed(), "epochs": epochs, "max_users": max_users,
                       "tallrec": cfg.to_dict()["tallrec"] | {"num_workers": None, "use_gpu": None},
                       "llm": {k: getattr(s2, k) for k in ("llm", "llm_dtype", "bf16", "history_len", "max_title_tokens")},
                       "domain": cfg.to_dict()["data"]["domain"], "ds": ds_overrides,

@@ -49,3 +49,18 @@ def test_several_examples_per_user_add_earlier_targets_and_keep_the_first():
             assert list(h) == train[:p] and t in c and not (set(c) - {t}) & set(seqs[u])
     with pytest.raises(ValueError, match="examples_per_user"):
         next_title_examples(block, 200, 19, seed=7, examples_per_user=0)
+
+
+def test_the_training_seed_varies_stage2_and_keeps_the_run_seed_and_old_fingerprints():
+    from allmrec.config import ConfigError, load_config
+    from pipelines.stage2 import _fingerprinted
+
+    base = load_config(None, [])
+    assert base.train_seed() == base.seed and "seed" not in _fingerprinted(base)  # earlier runs stay up to date
+    other = load_config(None, ["stage2.seed=1"])
+    assert other.train_seed() == 1 and other.seed == base.seed  # data, splits and evaluation unchanged
+    assert _fingerprinted(other)["seed"] == 1  # another projector, trained again
+    rows = [_rows(next_title_examples(_block(), 200, 19, seed=c.train_seed())) for c in (base, other)]
+    assert rows[0] != rows[1]  # other training negatives
+    with pytest.raises(ConfigError, match="stage2.seed"):
+        load_config(None, ["stage2.seed=-1"])
