@@ -204,7 +204,7 @@ def run_score(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         for part in ("data", "cf", "stage1", "stage2"):
             shutil.copytree(ML_RUN / part, run / part, ignore=shutil.ignore_patterns("export.safetensors"))
-        cfg = load_config(REPO / "configs" / "ml100k.yaml",
+        cfg = load_config(REPO / "configs" / "ml100k-smollm2.yaml",
                           [f"run_dir={run}", f"score.max_users={spec['users']}", f"score.num_actors={spec['actors']}",
                            "ray.progress=false"])
         score_mod.CHUNK = spec["chunk"]  # several chunks for a few users, so 2 actors have work to share

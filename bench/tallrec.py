@@ -5,9 +5,9 @@
 
 The paper (Beauty, one A6000, OPT-6.7B) reports A-LLMRec training 2.53x faster than TALLRec (232.5 vs 588.6
 min) and inferring 1.71x faster (1.98 vs 3.36 s per batch). This measures the same two ratios in one run,
-on the same data and model: the trained ML-100K run folder (default /work/main/runs/ml100k: data, CF
+on the same data and model: the trained ML-100K run folder (default runs/ml100k-smollm2: data, CF
 model, Stage-1 joint embeddings, Stage-2 projector; read only — a temporary run folder links to them and
-holds the TALLRec adapter trained here), configs/ml100k.yaml, the packaged SmolLM2-135M-Instruct in the
+holds the TALLRec adapter trained here), configs/ml100k-smollm2.yaml, the packaged SmolLM2-135M-Instruct in the
 dtype `stage2.llm_dtype` resolves to (bf16 on CPUs with native bf16, else fp32), batch 4, the same seeded
 users and Stage-2 examples (`pipelines.rows.next_title_examples`) for both models, AdamW lr 1e-4 (wd 0).
 
@@ -41,14 +41,14 @@ import numpy as np
 from bench._stages_common import REPO, child_main, ratio, run_child, wait_for_load
 from bench.common import machine, table, write_results
 
-ML_RUN = Path(os.environ.get("BENCH_ML_RUN", REPO / "runs" / "ml100k"))
+ML_RUN = Path(os.environ.get("BENCH_ML_RUN", REPO / "runs" / "ml100k-smollm2"))
 PARTS = ("data", "cf", "encode", "stage1", "stage2")
 PAPER = {"train_ratio": 2.53, "infer_ratio": 1.71}  # TALLRec / A-LLMRec (588.6/232.5 min, 3.36/1.98 s/batch)
 
 
 def bench_config(run: Path):
     from allmrec.config import load_config
-    return load_config(REPO / "configs" / "ml100k.yaml", [f"run_dir={run}", "ray.progress=false"])
+    return load_config(REPO / "configs" / "ml100k-smollm2.yaml", [f"run_dir={run}", "ray.progress=false"])
 
 
 # ----------------------------------------------------------------------------- child side
@@ -211,7 +211,7 @@ def _make_run(src: Path) -> Path:
                if rf.manifest(d) is None] + ([] if rf.cf_found() else ["cf"])
     if missing or not rf.projector_path().is_file():
         raise FileNotFoundError(f"{src} lacks a finished {missing or ['stage2 projector']}: run "
-                                f"`allmrec run --config configs/ml100k.yaml --no-serve` first")
+                                f"`allmrec run --config configs/ml100k-smollm2.yaml --no-serve` first")
     run = Path(tempfile.mkdtemp(prefix="bench-tallrec-"))
     for p in PARTS:
         if (src / p).exists():

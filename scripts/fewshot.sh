@@ -15,7 +15,7 @@ for k in ${ks[@]}; do
   for part in data encode; do   # the prepared data and the SBERT vectors do not depend on K
     [ -e "runs/a-full/$part" ] && [ ! -e "$dir/$part" ] && ln -sfn "$(realpath runs/a-full/$part)" "$dir/$part"
   done
-  common=(--config configs/ml100k.yaml "run_dir=$dir" "fewshot=$k" stage2.lr=5e-4 stage2.epochs=2
+  common=(--config configs/ml100k-smollm2.yaml "run_dir=$dir" "fewshot=$k" stage2.lr=5e-4 stage2.epochs=2
           stage2.max_users=null stage2.num_workers=1 stage2.zero_stage=0
           stage2.deepspeed_config=configs/deepspeed/zero0.json)
   echo "=== few-shot K=$k $(date -u +%FT%TZ)"

