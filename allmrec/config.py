@@ -242,6 +242,10 @@ class Stage2Config:
     # run's `seed`. Another value trains another seed of the same cell on the same data, splits, candidates
     # and evaluation (the run's `seed` draws those), which is how a cell's seed-to-seed spread is measured
     seed: int | None = F(None, ge=0)
+    # length bucketing: 0 = the paper's shuffled batches; W > 0 = each epoch's shuffled order cut into windows
+    # of W batches, each window sorted by prompt length into batches, the batches shuffled (less padding per
+    # step, a departure in which examples share a batch: docs/guide.md, measured in docs/benchmarks.md)
+    bucket_window: int = F(0, ge=0)
 
     def compiles(self) -> bool:
         """Whether Stage-2 compiles the LLM's decoder blocks."""

@@ -19,7 +19,7 @@ from allmrec.data.load import Prepared
 from allmrec.artifacts import RESOLVED_CONFIG
 from allmrec.io import atomic_dir
 from pipelines.common import training_users
-from pipelines.rows import next_title_examples
+from pipelines.rows import epoch_batches, next_title_examples
 from pipelines.tracking import Tracker
 from pipelines.workers import plot_losses
 
@@ -40,11 +40,12 @@ def load_frozen_llm(cfg: Config, device: str, ds_conf: dict | None = None):
 def next_title_epochs(engine, rec, train: dict, reps, cfg: Config, *, name: str, epochs: int, batch_size: int,
                       export_prefix: str, weights_file: str, all_counts: list, fail_at_epoch: int | None,
                       st_metadata: dict | None = None, extra_metrics: dict | None = None,
-                      start_from: str | None = None, track: dict | None = None) -> None:
+                      start_from: str | None = None, track: dict | None = None, bucket_window: int = 0) -> None:
     """The epoch loop shared by Stage-2 and TALLRec: resume, seeded batches of next-title examples, one
     DeepSpeed step each, and per epoch a Ray Train report with a checkpoint holding the trainable weights
     (the module's parameters under `export_prefix`, saved as `weights_file`) and the loss history.
-    `start_from`: an earlier run's checkpoint folder to go on from (`allmrec stage2 --continue`)."""
+    `start_from`: an earlier run's checkpoint folder to go on from (`allmrec stage2 --continue`).
+    `bucket_window` > 0: batches of similar prompt lengths (`pipelines.rows.epoch_batches`)."""
     import ray.train
     import torch.distributed as dist
 
@@ -52,6 +53,13 @@ def next_title_epochs(engine, rec, train: dict, reps, cfg: Config, *, name: str,
     from pipelines import engine as eng
 
     rank, n_rows = dist.get_rank(), len(train["user"])
+
+    def example(j: int) -> Example:
+        return Example(None if reps is None else reps[j], train["hist"][j], train["cands"][j], int(train["target"][j]))
+
+    lengths = None
+    if bucket_window:  # each row's prompt length in tokens (the tokenizer only: no model call)
+        lengths = np.array([int(rec.batch([example(j)], with_target=True)["attention_mask"].sum()) for j in range(n_rows)])
     cand_first = getattr(engine.module, "candidate_softmax", 0) > 0  # the loss's term needs the candidates' first tokens
     tracker = Tracker(track, name, cfg.to_dict(), rank)  # MLflow (`track`: tracking.settings): rank 0 only
     state = eng.restore(engine, start_from) or {}
@@ -65,25 +73,28 @@ def next_title_epochs(engine, rec, train: dict, reps, cfg: Config, *, name: str,
         t0, c0 = time.perf_counter(), time.process_time()
         # ZeRO-3 needs the same number of steps on every rank: Ray Data's split gives equal-sized shards
         order = np.random.default_rng([cfg.train_seed(), epoch, 0]).permutation(n_rows)
-        total, n_steps, step_losses = 0.0, 0, []
+        batches = epoch_batches(order, batch_size, lengths, bucket_window,
+                                np.random.default_rng([cfg.train_seed(), epoch, 1]))
+        total, n_steps, step_losses, pad, cells = 0.0, 0, [], 0, 0
         engine.train()  # LoRA dropout on (TALLRec); the frozen LLM has no dropout in use
-        for i in range(0, n_rows, batch_size):
-            exs = [Example(None if reps is None else reps[j], train["hist"][j], train["cands"][j],
-                           int(train["target"][j])) for j in order[i:i + batch_size]]
-            loss = engine(rec.batch(exs, with_target=True, cand_first=cand_first), rec.prompts.placeholders)
+        for idx in batches:
+            b = rec.batch([example(j) for j in idx], with_target=True, cand_first=cand_first)
+            pad, cells = pad + int((b["attention_mask"] == 0).sum()), cells + b["attention_mask"].numel()
+            loss = engine(b, rec.prompts.placeholders)
             engine.backward(loss)
             engine.step()
             step_losses.append(float(loss.detach()))
             total += step_losses[-1]
             n_steps += 1
             if rank == 0 and n_steps % 10 == 0:
-                print(f"[{name}] epoch {epoch} step {n_steps}/{-(-n_rows // batch_size)} "
+                print(f"[{name}] epoch {epoch} step {n_steps}/{len(batches)} "
                       f"loss {total / n_steps:.4f} ({(time.perf_counter() - t0) / n_steps:.2f} s/step)", flush=True)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         agg = torch.tensor([total, float(n_steps), cpu], dtype=torch.float64)
         dist.all_reduce(agg)  # the mean loss over every rank's steps, the same on all ranks
         rec_m = {"epoch": epoch, "loss": float(agg[0] / max(agg[1], 1.0)), "seconds": round(dt, 2),
                  "steps": n_steps, "s_per_step": round(dt / max(n_steps, 1), 3),
+                 "padding": round(pad / max(cells, 1), 4),  # this rank's share of left-padded positions in its batches
                  "users_per_s": round(n_rows * dist.get_world_size() / max(dt, 1e-9), 3), **(extra_metrics or {}),
                  # CPU seconds of the epoch loop, all ranks' processes together (robust to a loaded machine)
                  "cpu_s": round(float(agg[2]), 2), "users_per_cpu_s": round(n_rows * dist.get_world_size() / max(float(agg[2]), 1e-9), 4),

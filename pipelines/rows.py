@@ -89,3 +89,28 @@ def next_title_examples(block: pa.Table, n_items: int, n_negatives: int, seed: i
     return {"user": np.asarray(users, dtype=np.int64), "hist": np.array(hists + [None], dtype=object)[:-1],
             "cands": np.asarray(cands, dtype=np.int64).reshape(len(users), n_negatives + 1),
             "target": np.asarray(targets, dtype=np.int64)}
+
+
+def epoch_batches(order: np.ndarray, batch_size: int, lengths: np.ndarray | None = None, window: int = 0,
+                  rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """One epoch's batches of row indices, from the epoch's seeded permutation `order`.
+
+    window = 0: consecutive slices of `order` (the paper's shuffled batches). window = W > 0 (length
+    bucketing, `stage2.bucket_window`): `order` is cut into windows of W batches, each window's rows are
+    sorted by `lengths` (the prompt's tokens) and cut into batches, and all batches are shuffled by `rng`:
+    each batch holds rows of similar length (less left padding per step), still drawn at random from the
+    epoch. The number of batches is ceil(len(order) / batch_size) either way (the same steps on every rank).
+    """
+    if batch_size < 1 or window < 0:
+        raise ValueError(f"batch_size must be >= 1 and window >= 0, got {batch_size} and {window}")
+    if window == 0:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if lengths is None or rng is None:
+        raise ValueError("length bucketing needs the rows' lengths and a seeded rng")
+    span = window * batch_size
+    batches = []
+    for i in range(0, len(order), span):
+        part = order[i:i + span]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    return [batches[k] for k in rng.permutation(len(batches))]

@@ -72,7 +72,7 @@ def train_func(config: dict) -> None:
     next_title_epochs(engine, rec, train, reps, cfg, name="stage2", epochs=s2.epochs, batch_size=s2.batch_size,
                       export_prefix="projector.", weights_file=PROJECTOR, all_counts=all_counts,
                       fail_at_epoch=config.get("fail_at_epoch"), start_from=config.get("start_from"),
-                      track=config.get("tracking"))
+                      track=config.get("tracking"), bucket_window=s2.bucket_window)
 
 
 def _fingerprinted(cfg: Config) -> dict:
@@ -80,7 +80,8 @@ def _fingerprinted(cfg: Config) -> dict:
     left out at their default, so projectors trained before they existed stay up to date."""
     s2 = cfg.to_dict()["stage2"] | {"num_workers": None, "use_gpu": None}
     s2.pop("compile", None)  # how fast, not what is trained
-    for key in ("choice_weight", "candidate_softmax", "examples_per_user", "seed", *Stage2Config.LAYOUT_KEYS):
+    for key in ("choice_weight", "candidate_softmax", "examples_per_user", "seed", "bucket_window",
+                *Stage2Config.LAYOUT_KEYS):
         if s2[key] == getattr(Stage2Config, key):
             del s2[key]
     return s2

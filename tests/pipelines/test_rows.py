@@ -64,3 +64,26 @@ def test_the_training_seed_varies_stage2_and_keeps_the_run_seed_and_old_fingerpr
     assert rows[0] != rows[1]  # other training negatives
     with pytest.raises(ConfigError, match="stage2.seed"):
         load_config(None, ["stage2.seed=-1"])
+
+
+def test_epoch_batches_plain_and_bucketed_by_length():
+    from pipelines.rows import epoch_batches
+
+    order = np.random.default_rng(0).permutation(50)
+    plain = epoch_batches(order, 4)
+    assert [b.tolist() for b in plain] == [order[i:i + 4].tolist() for i in range(0, 50, 4)]  # the paper's batches
+
+    lengths = np.random.default_rng(1).integers(200, 420, 50)
+    b1 = epoch_batches(order, 4, lengths, window=4, rng=np.random.default_rng(7))
+    b2 = epoch_batches(order, 4, lengths, window=4, rng=np.random.default_rng(7))
+    assert [b.tolist() for b in b1] == [b.tolist() for b in b2]  # seeded
+    assert len(b1) == len(plain) == 13 and sorted(np.concatenate(b1).tolist()) == list(range(50))  # every row once
+    # each batch comes from one window of 16 rows of the order, sorted by length: less padding per batch
+    windows = {int(j): i // 16 for i, j in enumerate(order)}
+    assert all(len({windows[int(j)] for j in b}) == 1 for b in b1)
+    pad = lambda bs: sum(int(lengths[b].max()) * len(b) - int(lengths[b].sum()) for b in bs)
+    assert pad(b1) < pad(plain) / 2
+    with pytest.raises(ValueError, match="lengths"):
+        epoch_batches(order, 4, None, window=4)
+    with pytest.raises(ValueError, match="window"):
+        epoch_batches(order, 4, lengths, window=-1, rng=np.random.default_rng(0))

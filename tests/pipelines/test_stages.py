@@ -47,9 +47,11 @@ def test_stage2_continues_a_finished_run_and_resumes_after_a_failure(trained_tin
     lr = cfg.stage2.lr
     cfg.stage2.epochs, cfg.stage2.num_workers, cfg.stage2.item_tokens = 2, 1, "mlp"  # MLP-LLM variant
     cfg.stage2.zero_stage, cfg.cf.max_failures = 3, 1
+    cfg.stage2.bucket_window = 2  # batches bucketed by prompt length: resumed and continued like plain ones
     out = stage2(cfg, fail_at_epoch=2)  # rank 0 fails at epoch 2; the job resumes from epoch 1's checkpoint
     hist = json.loads((out / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in hist] == [1, 2] and out.name == "mlp-u1"
+    assert all(0 <= h["padding"] < 0.5 for h in hist)  # the share of padded prompt positions, per epoch
 
     # --continue: a third epoch on top of the two, from their checkpoint (optimizer state included)
     cfg.stage2.epochs = 3
