@@ -2,6 +2,7 @@
 
     python -m bench.stage1            # 320 users (10 steps of 32) per configuration
     python -m bench.stage1 --quick    # 64 users
+    python -m bench.stage1 --configs ours_top1,ray_top1 --users 320   # the Stage-1 job against its loop
 
 All on the prepared amazon-scientific set (/tmp/bench_sci), the packaged all-MiniLM-L6-v2, batch 32,
 Adam lr 1e-4, the same users, negatives and frozen SASRec in every configuration; each configuration in
@@ -21,6 +22,7 @@ text reconstruction over positives and negatives), SBERT's own 256-token limit, 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -77,8 +79,40 @@ def reference_losses(aligner, x_u, E_pos, E_neg, Q_pos, Q_neg, alpha: float = 0.
     return rec + matching + alpha * recon + beta * text_recon
 
 
+def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
+    """`pipelines.stage1.stage1` (Ray Train + DeepSpeed ZeRO-0, 1 worker) on a throw-away run folder linking
+    /tmp/bench_sci's data and CF model: `spec["users"]` seeded users, 2 epochs; the second epoch's users/s is
+    the job's steady rate (the first holds the worker's warm-up), the whole call's wall time beside it."""
+    import shutil
+    from pathlib import Path
+
+    from pipelines.common import init_ray
+    from pipelines.stage1 import stage1
+    run = Path(tempfile.mkdtemp(prefix="bench-s1-ray-"))
+    try:
+        for part in ("data", "cf"):
+            (run / part).symlink_to(SCI_RUN / part)
+        cfg = sci_config(f"run_dir={run}", "stage1.epochs=2", f"stage1.max_users={spec['users']}",
+                         f"stage1.sbert_trainable_layers={spec['layers']}", "stage1.num_workers=1",
+                         f"torch_threads={spec['threads']}")
+        init_ray(cfg)
+        t0 = time.perf_counter()
+        out_dir = stage1(cfg, force=True)
+        wall = time.perf_counter() - t0
+        hist = json.loads((out_dir / "metrics.json").read_text())["history"]
+        first, h = hist[0], hist[-1]
+        return {"users": spec["users"], "users_per_s": h["users_per_s"], "epoch_s": h["seconds"],
+                "epoch1_users_per_s": first["users_per_s"], "stage1_call_s": round(wall, 1),
+                "users_per_cpu_s": None, "setup_s": round(wall - sum(x["seconds"] for x in hist), 1),
+                "users_per_s_with_setup": round(2 * spec["users"] / wall, 3), "threads": spec["threads"]}
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
 def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     """One configuration, in this (child) process: set-up, one warm-up step, then the timed steps."""
+    if spec["impl"] == "ray":
+        return run_ray(spec)
     import torch
 
     from allmrec.align.sbert import TextEncoder, load_sbert, sbert_dim
@@ -183,6 +217,7 @@ CONFIGS = {
     "baseline": {"impl": "plain", "layers": -1, "save_every": 0},
     "baseline_save": {"impl": "plain", "layers": -1, "save_every": SAVE_EVERY},
     "reference_like": {"impl": "reference", "layers": -1, "save_every": SAVE_EVERY},
+    "ray_top1": {"impl": "ray", "layers": 1, "save_every": 0},
 }
 LABELS = {
     "baseline": "baseline: plain loop, full SBERT, re-tokenize + encode every text",
@@ -190,6 +225,7 @@ LABELS = {
     "reference_like": "reference-like: + negatives' texts encoded, 256-token limit, save every 10",
     "ours_full": "ours: TokenCache + distinct items, full SBERT (layers=-1)",
     "ours_top1": "ours: TokenCache + distinct items, top-1 layer (layers=1)",
+    "ray_top1": "the Stage-1 job (Ray Train + DeepSpeed ZeRO-0, 1 worker), top-1 layer: epoch 2",
 }
 
 
@@ -212,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = args.configs.split(",") if args.configs else \
         ["baseline", "baseline_save", "ours_full", "ours_top1"] + ([] if args.quick else ["reference_like"])
     cfg = sci_config()
-    prep_info = ensure_scientific(train_cf=False)
+    prep_info = ensure_scientific(train_cf=any(CONFIGS[n]["impl"] == "ray" for n in names))  # the job needs a CF model
     budget = {"left": args.max_wait}
     res: dict[str, Any] = {"benchmark": "stage1", "quick": args.quick, "machine": machine(), "prepared": prep_info,
                            "settings": {"users": users, "batch": 32, "lr": cfg.stage1.lr, "threads": args.threads,
@@ -224,13 +260,15 @@ def main(argv: list[str] | None = None) -> dict:
                 "max_len": 256 if name == "reference_like" else cfg.encode.max_seq_length}
         gate = wait_for_load(args.max_load, budget)
         print(f"[stage1] {name} (load {gate['load_at_start']})", flush=True)
-        r = run_child("bench.stage1", spec)
+        r = run_child("bench.stage1", spec, include_ray=spec["impl"] == "ray")
         r.update(gate)
         res["runs"][name] = r
         print(f"  {r['users_per_s']} users/s, setup {r['setup_s']} s, peak RSS {r['peak_rss_gib']} GiB", flush=True)
 
     base = res["runs"].get("baseline", {})
     rows = []
+    if "ray_top1" in res["runs"] and "ours_top1" in res["runs"]:  # the job against its own in-process loop
+        res["job_vs_in_process"] = ratio(res["runs"]["ray_top1"]["users_per_s"], res["runs"]["ours_top1"]["users_per_s"])
     for name, r in res["runs"].items():
         r["speedup_vs_baseline"] = ratio(r["users_per_s"], base.get("users_per_s"))
         r["cpu_speedup_vs_baseline"] = ratio(r["users_per_cpu_s"], base.get("users_per_cpu_s"))
@@ -244,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
                        "users/s incl. set-up", "peak RSS GiB", "load 1m"])
     res["table"] = tbl
     print(tbl)
+    if "job_vs_in_process" in res:
+        print(f"the Stage-1 job's epoch 2 against the in-process top-1 loop: {res['job_vs_in_process']}x")
     print(f"(context only: the reference code measured {REFERENCE_USERS_PER_S} users/s on this machine class)")
     path = write_results("stage1_quick" if args.quick else "stage1", res)
     print(f"-> {path}")
