@@ -149,8 +149,19 @@ def check_writable(folder: Path, min_free_gb: float = MIN_FREE_GB) -> str | None
     return None
 
 
+LLM_JOBS = {"run", "stage2", "tallrec", "genres", "score", "serve"}  # and evaluate with an LLM variant
+
+
 def preflight(cfg, job: str) -> str | None:
-    """The run folder, and Ray's temporary folder when this job starts a local cluster."""
+    """The run folder, Ray's temporary folder when this job starts a local cluster, and a packaged LLM's
+    packages when this job will load it (the main job would otherwise fail minutes in, at Stage-2)."""
+    from allmrec.artifacts import LLM_VARIANTS
+    if job in LLM_JOBS or (job == "evaluate" and set(cfg.eval.variants) & set(LLM_VARIANTS)):
+        from allmrec.llm.loading import check_llm_available
+        try:
+            check_llm_available(cfg.stage2.llm)
+        except (FileNotFoundError, ValueError) as e:
+            return f"stage2.llm={cfg.stage2.llm} is not available: {e}"
     folders = [Path(cfg.run_dir).expanduser().resolve()] if job in WRITERS else []
     if job in WRITERS | {"serve"} and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         import tempfile

