@@ -2,14 +2,17 @@
 
 - the prepared amazon-scientific run folder these benchmarks reuse (`/tmp/bench_sci`, made once);
 - a load gate: the machine is shared, so a measurement waits while the 1-min load average is high;
+- `linked_sci_run`: a throw-away run folder linking its data and CF model, for the job rows;
 - `run_child`: every measured configuration runs in its own Python process, so its peak RSS is its own
   (a process's RSS never shrinks back after a big allocation) and no configuration warms another's
   caches. The child gets a JSON spec on its command line and writes a JSON result file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +24,19 @@ from bench.common import PeakRSS, loadavg
 
 REPO = Path(__file__).resolve().parents[1]
 SCI_RUN = Path(os.environ.get("BENCH_SCI_RUN", "/tmp/bench_sci"))
+
+
+@contextlib.contextmanager
+def linked_sci_run(prefix: str):
+    """A throw-away run folder whose data/ and cf/ link to /tmp/bench_sci's (read only): where a job row
+    of a benchmark writes its own outputs. Removed afterwards."""
+    run = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        for part in ("data", "cf"):
+            (run / part).symlink_to(SCI_RUN / part)
+        yield run
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def sci_config(*overrides: str):

@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from bench._stages_common import (REPO, SCI_RUN, child_main, ensure_scientific, ratio, run_child, sci_config,
-                                  wait_for_load)
+from bench._stages_common import (REPO, SCI_RUN, child_main, ensure_scientific, linked_sci_run, ratio, run_child,
+                                  sci_config, wait_for_load)
 from bench.common import machine, table, write_results
 
 ML_RUN = Path(os.environ.get("BENCH_ML_RUN", "/tmp/r_ml"))
@@ -169,10 +169,7 @@ def run_eval_ray(spec: dict[str, Any]) -> dict[str, Any]:
     /tmp/bench_sci's data and CF model: the same rows as the in-process loop (`test_examples`)."""
     from pipelines.common import init_ray
     from pipelines.evaluate import evaluate
-    run = Path(tempfile.mkdtemp(prefix="bench-eval-ray-"))
-    try:
-        for part in ("data", "cf"):
-            (run / part).symlink_to(SCI_RUN / part)
+    with linked_sci_run("bench-eval-ray-") as run:
         cfg = sci_config(f"run_dir={run}", "eval.variants=[llm_only]", "eval.mode=rank",
                          f"eval.max_users={spec['users']}", f"eval.num_actors={spec['actors']}",
                          f"eval.batch_size={spec['batch']}", f"stage2.llm_dtype={spec.get('dtype', 'auto')}")
@@ -191,8 +188,6 @@ def run_eval_ray(spec: dict[str, Any]) -> dict[str, Any]:
                 "users_per_s": round(n / variant_s, 4), "inner_users_per_s": round(n / inner, 4),
                 "evaluate_call_s": round(wall, 1), "ray_start_s": round(ray_s, 1),
                 "hit@1": round(float((res["rank"] == 0).mean()), 4), "dtype": spec.get("dtype", "auto")}
-    finally:
-        shutil.rmtree(run, ignore_errors=True)
 
 
 def run_score(spec: dict[str, Any]) -> dict[str, Any]:

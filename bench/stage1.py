@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from bench._stages_common import (SCI_RUN, child_main, ensure_scientific, load_cf, ratio, run_child, sci_config,
-                                  wait_for_load)
+from bench._stages_common import (SCI_RUN, child_main, ensure_scientific, linked_sci_run, load_cf, ratio, run_child,
+                                  sci_config, wait_for_load)
 from bench.common import machine, table, write_results
 
 REFERENCE_USERS_PER_S = 1.36  # the reference code on this machine class (PAPER.md), context only
@@ -83,15 +83,9 @@ def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
     """`pipelines.stage1.stage1` (Ray Train + DeepSpeed ZeRO-0, 1 worker) on a throw-away run folder linking
     /tmp/bench_sci's data and CF model: `spec["users"]` seeded users, 2 epochs; the second epoch's users/s is
     the job's steady rate (the first holds the worker's warm-up), the whole call's wall time beside it."""
-    import shutil
-    from pathlib import Path
-
     from pipelines.common import init_ray
     from pipelines.stage1 import stage1
-    run = Path(tempfile.mkdtemp(prefix="bench-s1-ray-"))
-    try:
-        for part in ("data", "cf"):
-            (run / part).symlink_to(SCI_RUN / part)
+    with linked_sci_run("bench-s1-ray-") as run:
         cfg = sci_config(f"run_dir={run}", "stage1.epochs=2", f"stage1.max_users={spec['users']}",
                          f"stage1.sbert_trainable_layers={spec['layers']}", "stage1.num_workers=1",
                          f"torch_threads={spec['threads']}")
@@ -104,9 +98,7 @@ def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
         return {"users": spec["users"], "users_per_s": h["users_per_s"], "epoch_s": h["seconds"],
                 "epoch1_users_per_s": first["users_per_s"], "stage1_call_s": round(wall, 1),
                 "users_per_cpu_s": None, "setup_s": round(wall - sum(x["seconds"] for x in hist), 1),
-                "users_per_s_with_setup": round(2 * spec["users"] / wall, 3), "threads": spec["threads"]}
-    finally:
-        shutil.rmtree(run, ignore_errors=True)
+                "users_per_s_with_setup": round(len(hist) * spec["users"] / wall, 3), "threads": spec["threads"]}
 
 
 def run_config(spec: dict[str, Any]) -> dict[str, Any]:

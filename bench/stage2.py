@@ -35,17 +35,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench._stages_common import (SCI_RUN, child_main, ensure_scientific, load_cf, ratio, run_child, sci_config,
-                                  wait_for_load)
+from bench._stages_common import (SCI_RUN, child_main, ensure_scientific, linked_sci_run, load_cf, ratio, run_child,
+                                  sci_config, wait_for_load)
 from bench.common import machine, table, write_results
 
 REFERENCE_USERS_PER_S = 0.11  # the reference code on this machine class (PAPER.md), context only
@@ -227,10 +225,7 @@ def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
     """pipelines.stage2 on a throw-away run folder that links to /tmp/bench_sci's data and CF model."""
     from pipelines.common import init_ray
     from pipelines.stage2 import stage2
-    run = Path(tempfile.mkdtemp(prefix="bench-s2-ray-"))
-    try:
-        for part in ("data", "cf"):
-            (run / part).symlink_to(SCI_RUN / part)
+    with linked_sci_run("bench-s2-ray-") as run:
         z = spec.get("zero", 3)
         cfg = sci_config(f"run_dir={run}", f"stage2.num_workers={spec['workers']}", "stage2.epochs=2",
                          f"stage2.max_users={spec['users']}", "stage2.item_tokens=mlp",
@@ -255,8 +250,6 @@ def run_ray(spec: dict[str, Any]) -> dict[str, Any]:
                 "stage2_call_s": round(wall, 1), "llm_params_full": h.get("llm_params_full"),
                 "llm_params_local_per_rank": h.get("llm_params_local_per_rank"), "item_tokens": "mlp",
                 "dtype": spec.get("dtype", "float32"), "compiled": cfg.stage2.compiles()}
-    finally:
-        shutil.rmtree(run, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- driver
