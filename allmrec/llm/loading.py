@@ -268,13 +268,11 @@ def resolve_llm_source(name: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"LLM name must be a non-empty string, got {name!r}")
     if name.startswith("packaged:"):
         short = name.split(":", 1)[1]
-        dest = packaged_cache_dir(short)
         split = SPLIT_LLMS.get(short)
-        if split is not None:
-            if split.note:
-                _note_once(split.note)
-            if not (dest / "config.json").is_file():
-                split_parts(split)  # fail fast, with the install hint, before taking the lock
+        if split is not None and split.note:
+            _note_once(split.note)
+        check_llm_available(name)  # fail fast, with the install hint, before taking the lock
+        dest = packaged_cache_dir(short)
         if not (dest / "config.json").is_file():
             with file_lock(dest.with_name(dest.name + ".lock")):
                 if not (dest / "config.json").is_file():  # someone else may have finished meanwhile
