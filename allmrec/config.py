@@ -183,6 +183,9 @@ class Stage1Config:
     use_gpu: bool = False
     zero_stage: int = F(0, ge=0, le=3)
     deepspeed_config: str = F("configs/deepspeed/zero0.json", file=True)
+    # the item table (e, q of every item) computed by rank 0 after the last epoch from its cached lower SBERT
+    # layers (one process; not under ZeRO-3); false: a Ray Data actor pool after training (huge catalogs)
+    table_on_worker: bool = True
 
 
 ITEM_TOKEN_POSITIONS = ("after", "before")  # an item's soft token after its title (the paper) or before it

@@ -61,7 +61,7 @@ def init_ray(cfg: Config):
 def _start_or_attach(ray, cfg: Config) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # DeepSpeed JIT-compiles a CPU comm op once: keep it in a persistent cache, not /tmp
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": True}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")  # set under `ray job submit`
     if address:
@@ -116,6 +116,18 @@ def quiet_worker_logs() -> None:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("ALLMREC_CACHE", Path.home() / ".cache" / "allmrec"))
+
+
+def extensions_dir() -> Path:
+    """Where DeepSpeed's JIT-compiled CPU ops are kept: one folder per install (torch, DeepSpeed and their
+    path). torch rebuilds an op whose build inputs changed, so two virtual environments sharing one folder
+    would recompile it (~30-60 s on 2 cores) each time the other had used it."""
+    import hashlib
+    import importlib.metadata
+    import importlib.util
+    spec = importlib.util.find_spec("deepspeed")
+    parts = [spec.origin if spec else "", importlib.metadata.version("torch") if spec else "", sys.version]
+    return cache_dir() / "torch_extensions" / hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
 def clear_leftovers(out_dir: Path) -> list[Path]:

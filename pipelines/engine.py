@@ -62,7 +62,16 @@ def zero_init_config(conf: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]
 def init_distributed(use_gpu: bool) -> None:
     """Ray Train already created the process group (gloo on CPU, NCCL on GPU); DeepSpeed adopts it."""
     import deepspeed
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "allmrec" / "torch_extensions"))
+    import deepspeed.ops
+    import torch.distributed as dist
+
+    from pipelines.common import extensions_dir
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    if not use_gpu and dist.is_initialized() and dist.get_world_size() == 1:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce at start-up (a minute on 2 cores
+        # in each fresh install); a single rank talks to nobody, so it is marked unusable (DeepSpeed keeps
+        # this dict for edits) and nothing is compiled
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", verbose=False)
 
 

@@ -1,13 +1,19 @@
 """Stage-1's model and its item table, shared by `allmrec stage1` (training, then the table) and
 `allmrec evaluate`'s cross-domain scenario (another dataset's items under a trained Stage-1).
 
-The table is a Ray Data job whose actors load the models once: for every item, the joint embedding
-e_i = f_I^enc(E_i) and the text-side q_i = f_T^enc(SBERT_ft(text_i))."""
+For every item, the joint embedding e_i = f_I^enc(E_i) and the text-side q_i = f_T^enc(SBERT_ft(text_i)):
+computed by Stage-1's rank 0 at the end of training (`item_arrays`, from the SBERT lower layers it cached for
+training), or by a Ray Data job whose actors load the models once (`item_table`: cross-domain items, ZeRO-3
+runs, `stage1.table_on_worker=false`)."""
 from __future__ import annotations
 
 import os
 
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load as st_load
 
@@ -77,3 +83,35 @@ def item_table(cfg: Config, cf_files: dict[str, bytes], export: bytes, prep: Pre
         fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "bundle_ref": [ray.put((cf_files, export, texts))],
                                "threads": cfg.torch_threads or os.cpu_count() or 1, "text_only": text_only},
         num_cpus=1)
+
+
+@torch.no_grad()
+def item_arrays(model, E: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(e, q), float32 (n, d') for every pretokenized item of a trained Stage-1 `model` (row = item id),
+    E the CF item table. In one process: the frozen lower SBERT layers come from the model's cache."""
+    from allmrec.align.stage1 import joint_embeddings, text_joint_embeddings
+    was = model.training
+    model.eval()
+    try:
+        Q = torch.from_numpy(model.text_encoder.encode_all())
+        n = Q.shape[0]
+        if E.shape[0] < n:
+            raise ValueError(f"the CF model has {E.shape[0]} item rows, the item texts {n}")
+        dtype = next(model.aligner.parameters()).dtype
+        dev = next(model.aligner.parameters()).device
+        e = joint_embeddings(model.aligner, E[:n].to(dev, dtype)).float().cpu().numpy()
+        q = text_joint_embeddings(model.aligner, Q.to(dev, dtype)).float().cpu().numpy()
+    finally:
+        model.train(was)
+    return e, q
+
+
+def write_item_table(e: np.ndarray, q: np.ndarray, directory: Path) -> None:
+    """The (item, e, q) parquet folder `item_table` writes, from in-memory arrays (row = item id)."""
+    if e.shape != q.shape or e.ndim != 2:
+        raise ValueError(f"e and q must be equal (n, d) arrays, got {e.shape} and {q.shape}")
+    def col(a: np.ndarray) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(a, np.float32).ravel()), a.shape[1])
+    directory.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"item": pa.array(np.arange(len(e), dtype=np.int64)), "e": col(e), "q": col(q)})
+    pq.write_table(table, str(directory / "part-0.parquet"))

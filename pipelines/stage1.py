@@ -4,8 +4,10 @@ Every worker: the frozen CF model (weights shipped through Ray, not a shared dis
 eval(); SBERT tokenized once for every item, its frozen lower layers run once per item when only the
 top N are fine-tuned; the aligner + SBERT wrapped by the shared DeepSpeed engine (ZeRO stage from the
 config; 0 by default). One example per user (its last training item) or every position ("all items").
-A checkpoint per epoch (trainable state only, 2 kept). Then a Ray Data job writes, for every item, the
-joint embedding e_i = f_I^enc(E_i) and the text-side q_i = f_T^enc(SBERT_ft(text_i)).
+A checkpoint per epoch (trainable state only, 2 kept). Then, for every item, the joint embedding
+e_i = f_I^enc(E_i) and the text-side q_i = f_T^enc(SBERT_ft(text_i)): computed by rank 0 after the last
+epoch (it cached the frozen SBERT layers for every item, so the export costs the top layers only), or, under
+ZeRO-3 or with `stage1.table_on_worker=false`, by a Ray Data job after training (a second full SBERT pass).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from allmrec.artifacts import JOINT_EMB, RESOLVED_CONFIG, STAGE1_EXPORT, RunFolder, cf_from_files, files_sha256
@@ -27,13 +30,19 @@ from allmrec.data.load import Prepared
 from allmrec.io import atomic_dir, fingerprint, read_manifest
 from pipelines.common import init_ray, make_trainer, training_users, up_to_date
 from pipelines.fingerprints import model_identity
-from pipelines.joint import build_stage1_model, item_table
+from pipelines.joint import build_stage1_model, item_arrays, item_table, write_item_table
 from pipelines.rows import stage1_examples
 from pipelines.tracking import Tracker
 from pipelines.workers import collect, collect_sorted, item_texts_from, plot_losses
 
 log = logging.getLogger("allmrec.stage1")
 EXPORT = STAGE1_EXPORT  # the checkpoint file name of the trained state (as in the run folder)
+ITEM_TABLE = "item_table.safetensors"  # e and q of every item, in the last epoch's checkpoint
+
+
+def table_on_worker(cfg: Config) -> bool:
+    """Whether rank 0 computes the item table: it needs the whole model on one rank (not ZeRO-3)."""
+    return cfg.stage1.table_on_worker and cfg.stage1.zero_stage < 3
 
 
 def stage1_batch(cf, E: torch.Tensor, train: dict[str, np.ndarray], idx: np.ndarray, rng: np.random.Generator,
@@ -73,8 +82,10 @@ def train_func(config: dict) -> None:
     items = collect(ray.train.get_dataset_shard("items"))
     model.text_encoder.pretokenize(item_texts_from(items), cfg.encode.max_seq_length)
     train = collect_sorted(ray.train.get_dataset_shard("train"))  # order independent of Ray Data scheduling
-    # frozen lower SBERT layers: computed once for the items this worker will ever encode
-    model.text_encoder.precompute_lower(64, items=torch.from_numpy(np.unique(train["pos"])))
+    # frozen lower SBERT layers: computed once for the items this worker will ever encode (all of them on
+    # rank 0 when it writes the item table at the end, else its training positives)
+    writes_table = rank == 0 and table_on_worker(cfg)
+    model.text_encoder.precompute_lower(64, items=None if writes_table else torch.from_numpy(np.unique(train["pos"])))
     conf = eng.deepspeed_config(s1.deepspeed_config, micro_batch=s1.batch_size, zero_stage=s1.zero_stage,
                                 bf16=s1.use_gpu and cfg.stage2.bf16)
     engine = eng.build_engine(model, s1.lr, conf)
@@ -112,6 +123,9 @@ def train_func(config: dict) -> None:
             if rank == 0:
                 (Path(tmp) / EXPORT).write_bytes(st_save({k: v.contiguous() for k, v in export.items()}))
                 (Path(tmp) / "history.json").write_text(json.dumps(history))
+            if writes_table and epoch == s1.epochs:
+                e, q = item_arrays(model, E)
+                (Path(tmp) / ITEM_TABLE).write_bytes(st_save({"e": torch.from_numpy(e), "q": torch.from_numpy(q)}))
             ray.train.report(rec, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     tracker.end()
 
@@ -127,7 +141,8 @@ def stage1(cfg: Config, force: bool = False, fail_at_epoch: int | None = None) -
     s1 = cfg.stage1
     out_dir = rf.stage1
     fp = fingerprint({"data": m["fingerprint"], "cf": mcf["fingerprint"], "cf_weights": cf_weights, "seed": cfg.seed,
-                      "stage1": cfg.to_dict()["stage1"] | {"num_workers": None, "use_gpu": None},
+                      "stage1": {k: v for k, v in cfg.to_dict()["stage1"].items() if k != "table_on_worker"}
+                      | {"num_workers": None, "use_gpu": None},  # where it runs, not what it computes
                       "sbert": [model_identity(cfg.encode.model, "sbert"), cfg.encode.max_seq_length],
                       **({"fewshot": cfg.fewshot} if cfg.fewshot else {})})
     if up_to_date("stage1", out_dir, fp, force):
@@ -153,12 +168,18 @@ def stage1(cfg: Config, force: bool = False, fail_at_epoch: int | None = None) -
     with result.checkpoint.as_directory() as d:
         export = (Path(d) / EXPORT).read_bytes()
         history = json.loads((Path(d) / "history.json").read_text())
+        table = st_load((Path(d) / ITEM_TABLE).read_bytes()) if (Path(d) / ITEM_TABLE).exists() else None
 
     with atomic_dir(out_dir) as tmp:
-        item_table(cfg, cf_files, export, prep).write_parquet(str(tmp / JOINT_EMB))
+        t1 = time.perf_counter()
+        if table is not None:
+            write_item_table(table["e"].numpy(), table["q"].numpy(), tmp / JOINT_EMB)
+        else:  # ZeRO-3 or table_on_worker=false: a Ray Data job, a second SBERT pass over every item
+            item_table(cfg, cf_files, export, prep).write_parquet(str(tmp / JOINT_EMB))
+        table_s = time.perf_counter() - t1
         (tmp / EXPORT).write_bytes(export)
-        (tmp / "metrics.json").write_text(json.dumps({"history": history, "train_seconds": round(train_s, 1)},
-                                                    indent=2))
+        (tmp / "metrics.json").write_text(json.dumps({"history": history, "train_seconds": round(train_s, 1),
+                                                     "table_seconds": round(table_s, 1)}, indent=2))
         cfg.dump(tmp / RESOLVED_CONFIG)
         (tmp / schema.MANIFEST).write_text(json.dumps({
             "fingerprint": fp, "job": "stage1", "cf_weights": cf_weights, "epochs_run": len(history), "workers": s1.num_workers,

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 pytestmark = pytest.mark.ray
 
@@ -177,3 +178,41 @@ def test_score_is_complete_and_resumable(trained_tiny, monkeypatch):
     cfg.score.top_k = 2
     with pytest.raises(RuntimeError, match="runs again"):
         sc.score(cfg)  # another setting: redone
+
+
+@pytest.mark.parametrize("layers", [0, 1])  # the fixture's frozen SBERT (pooled cache); the top layer trained
+def test_stage1_item_table_from_rank0_equals_the_ray_data_job(trained_tiny, layers):
+    """Stage-1's rank 0 writes the item table from its cached lower SBERT layers (no second SBERT pass);
+    it must be the table the Ray Data job (ZeRO-3, table_on_worker=false, cross-domain) computes."""
+    from safetensors.torch import load as st_load
+
+    from allmrec.artifacts import RunFolder, read_item_table
+    from allmrec.config import config_from_dict
+    from pipelines.joint import JointEmbedder, build_stage1_model, item_arrays
+
+    cfg, _ = trained_tiny
+    rf = RunFolder(cfg)
+    c = config_from_dict(cfg.to_dict())
+    c.stage1.sbert_trainable_layers = layers
+    prep = rf.prepared()
+    texts = [""] * (int(prep.items["item"].max()) + 1)
+    for i, t in zip(prep.items["item"], prep.items["text"]):
+        texts[int(i)] = t
+    cf_files, export = rf.cf_files(), rf.stage1_export_path.read_bytes()
+    ref = JointEmbedder(c.to_dict(), [(cf_files, export, texts)], threads=1)(
+        {"item": np.arange(len(texts), dtype=np.int64)})
+
+    cf = rf.load_cf()
+    model = build_stage1_model(c, cf.hidden)
+    model.load_state_dict(st_load(export), strict=False)
+    model.text_encoder.pretokenize(texts, c.encode.max_seq_length)
+    model.text_encoder.precompute_lower(64)
+    with torch.no_grad():
+        e, q = item_arrays(model, cf.item_embeddings())
+    np.testing.assert_allclose(e, np.stack(ref["e"]), atol=1e-5)
+    np.testing.assert_allclose(q, np.stack(ref["q"]), atol=1e-5)
+    if layers == cfg.stage1.sbert_trainable_layers:  # the job's own table: written by its rank 0
+        e_job, q_job = read_item_table(rf.joint_emb_path)
+        np.testing.assert_allclose(e_job, e, atol=1e-5)
+        np.testing.assert_allclose(q_job, q, atol=1e-5)
+        assert json.loads((rf.stage1 / "metrics.json").read_text())["table_seconds"] >= 0
