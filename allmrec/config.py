@@ -289,6 +289,8 @@ class EvalConfig:
     mode: str = F("rank", choices=("rank", "generate", "both"))
     length_norm: bool = True
     max_users: int | None = F(None, ge=1)
+    # cold users scored (seeded subset); None: as many as max_users; 0: none (the scenario left out)
+    max_cold_users: int | None = F(None, ge=0)
     max_new_tokens: int = F(32, ge=1)
     batch_size: int = F(8, ge=1)
     num_actors: int = F(1, ge=1)

@@ -49,8 +49,9 @@ def eval_rows(cfg: Config, prep: Prepared) -> pd.DataFrame:
     """All (scenario, user) rows to score; cold/warm item scenarios are read off 'overall' by target group."""
     test = seeded_subset(prep.candidates("test"), cfg.eval.max_users, cfg.seed)
     parts = [test.assign(scenario="overall")]
-    cold = seeded_subset(prep.candidates("cold_users"), cfg.eval.max_users, cfg.seed)
-    if len(cold):
+    n_cold = cfg.eval.max_users if cfg.eval.max_cold_users is None else cfg.eval.max_cold_users
+    cold = seeded_subset(prep.candidates("cold_users"), n_cold, cfg.seed)
+    if n_cold != 0 and len(cold):
         parts.append(cold.assign(scenario="cold_users"))
     rows = pd.concat(parts, ignore_index=True)
     rows["group"] = prep.items.set_index("item")["group"].reindex(rows["target"]).to_numpy()
@@ -177,6 +178,8 @@ def plan(cfg: Config) -> tuple[Path, str, dict]:
     m = rf.require(rf.data, "allmrec prepare")
     src = source_run(cfg)
     e = cfg.to_dict()["eval"] | {"num_actors": None, "use_gpu": None}
+    if e.pop("max_cold_users") is not None:  # (left out when unset: earlier reports stay up to date)
+        e["max_cold_users"] = cfg.eval.max_cold_users
     inputs = {v: variant_inputs(cfg, v, src) for v in variants_of(cfg)}
     src_fp = None if src is None else read_manifest(RunFolder(cfg, src).stage1)["fingerprint"]
     fp = fingerprint({"data": m["fingerprint"], "seed": cfg.seed, "eval": e, "n_negatives": cfg.data.n_negatives,

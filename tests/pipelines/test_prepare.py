@@ -406,3 +406,25 @@ def test_parallel_reader_gunzips_by_content_every_member_and_names_breaks():
     corrupt = whole[:20] + bytes(x ^ 0xFF for x in whole[20:40]) + whole[40:]
     with pytest.raises(zlib.error):
         read(corrupt)
+
+
+def test_eval_rows_cap_cold_users_apart_from_test_users(ray_session, tmp_path):
+    """eval.max_cold_users caps the cold-user scenario on its own (None: as eval.max_users; 0: none)."""
+    from pipelines.evaluate import eval_rows
+    d = _real_like(tmp_path)
+    args = ["data.k_core=2", "data.cold_users=holdout", "data.cold_user_fraction=0.2", "eval.max_users=6"]
+    p = Prepared(prep.prepare(_cfg(tmp_path, d, *args)))
+    n_cold = len(p.candidates("cold_users"))
+    assert n_cold > 6
+
+    def counts(*extra):
+        rows = eval_rows(_cfg(tmp_path, d, *args, *extra), p)
+        return (rows.scenario == "overall").sum(), (rows.scenario == "cold_users").sum()
+
+    assert counts() == (6, 6)
+    assert counts("eval.max_cold_users=3") == (6, 3)
+    assert counts("eval.max_cold_users=0") == (6, 0)
+    assert counts("eval.max_cold_users=100000") == (6, n_cold)
+    from allmrec.config import ConfigError
+    with pytest.raises(ConfigError, match="max_cold_users"):
+        _cfg(tmp_path, d, "eval.max_cold_users=-1")
