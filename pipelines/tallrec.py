@@ -59,6 +59,9 @@ def train_func(config: dict) -> None:
     torch.manual_seed(cfg.train_seed())  # identical adapter initialisation on every rank
     # The adapters are created outside zero.Init; deepspeed.initialize partitions them with the rest.
     llm = add_lora(llm, t.lora_r, t.lora_alpha, t.lora_dropout, t.target_modules or None)
+    if t.compiles(s2):  # after the adapters exist: they are traced into each block's graph
+        from allmrec.llm.loading import compile_layers
+        compile_layers(llm)
     n_lora = sum(p.numel() for p in llm.parameters() if p.requires_grad)
     engine = eng.build_engine(Stage2Module(llm, None), t.lr, conf)
     counts = eng.local_parameter_counts(engine.module.llm)

@@ -315,3 +315,31 @@ def test_compile_is_refused_with_partitioned_weights():
     assert not load_config(None, ["stage2.zero_stage=0", "stage2.compile=never"]).stage2.compiles()
     with pytest.raises(ConfigError, match="compile=always"):
         load_config(None, ["stage2.zero_stage=3", "stage2.compile=always"])
+    for args, want in (([], True), (["tallrec.zero_stage=3"], False), (["stage2.compile=never"], False)):
+        cfg = load_config(None, args)  # TALLRec: ZeRO-0 by default, compiled unless stage2.compile=never
+        assert cfg.tallrec.compiles(cfg.stage2) is want
+
+
+def test_compiled_decoder_blocks_train_lora_adapters_like_the_plain_model(tokenizers_by_style, make_tiny):
+    """TALLRec compiles the blocks after LoRA is injected: the same loss and adapter gradients."""
+    from allmrec.llm.loading import compile_layers
+    from allmrec.llm.lora import add_lora
+    _, vocab = tokenizers_by_style["llama"]
+    ids = torch.randint(1, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for compiled in (False, True):
+        llm = make_tiny("llama", vocab)
+        torch.manual_seed(3)
+        add_lora(llm, r=4, alpha=8.0, dropout=0.0)
+        with torch.no_grad():  # B starts at zero; move every adapter so it changes the output
+            for p in (p for p in llm.parameters() if p.requires_grad):
+                p.normal_(0, 0.05)
+        if compiled:
+            compile_layers(llm)
+        loss = llm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        runs.append((float(loss), {n: p.grad.clone() for n, p in llm.named_parameters() if p.requires_grad}))
+    (l0, g0), (l1, g1) = runs
+    assert abs(l0 - l1) < 1e-4 and g0.keys() == g1.keys() and len(g0) > 0
+    for n in g0:
+        assert float(g0[n].abs().sum()) > 0 and torch.allclose(g0[n], g1[n], atol=1e-4, rtol=1e-3), n

@@ -35,6 +35,7 @@ def tallrec_run(tiny_cfg_factory, tmp_path_factory):
     llm = _save_tiny_llama(tmp_path_factory.mktemp("tallrec_llm"))
     # epochs / max_users unset in tallrec: Stage-2's (2, 24) are used
     cfg = tiny_cfg_factory(f"stage2.llm={llm}", "stage2.max_users=24", "stage2.epochs=2", "tallrec.num_workers=2",
+                           "tallrec.zero_stage=3", "tallrec.deepspeed_config=configs/deepspeed/zero3.json",
                            "tallrec.lr=0.005", f"tallrec.lora_r={R}", run="tallrec")
     rf = RunFolder(cfg)
     prep = Prepared(rf.data)
