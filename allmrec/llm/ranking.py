@@ -71,28 +71,52 @@ def head_log_probs(llm: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _packed_mask(llm: torch.nn.Module, n_prompt: int, lengths: list[int], dtype: torch.dtype,
-                 device: torch.device) -> torch.Tensor:
-    """(1, 1, N, n_prompt + N) mask of packed candidates: token j of candidate k sees the whole prompt and
-    tokens 0..j of candidate k. Boolean (True = attend) for SDPA / flex; additive float for eager."""
-    seg = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
-    n = len(seg)
-    idx = torch.arange(n, device=device)
-    own = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
-    allowed = torch.cat([torch.ones((n, n_prompt), dtype=torch.bool, device=device), own], dim=1)[None, None]
+def _as_mask(llm: torch.nn.Module, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(Q, K) allowed pairs -> the (1, 1, Q, K) mask the model's attention takes: boolean (True = attend)
+    for SDPA / flex, additive float for eager."""
+    allowed = allowed[None, None]
     impl = getattr(llm.config, "_attn_implementation", "eager") or "eager"
     if impl == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
     if impl not in ("sdpa", "flex_attention"):
         raise ValueError(f"ranking packs the candidates with a custom attention mask, which attn_implementation="
                          f"{impl!r} does not take; load the LLM with attn_implementation='sdpa' or 'eager'")
     return allowed
 
 
+def _packed_allowed(n_prompt: int, lengths: list[int], device: torch.device) -> torch.Tensor:
+    """(N, n_prompt + N) of packed candidates: token j of candidate k sees the whole prompt and tokens
+    0..j of candidate k."""
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    n = len(seg)
+    idx = torch.arange(n, device=device)
+    own = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
+    return torch.cat([torch.ones((n, n_prompt), dtype=torch.bool, device=device), own], dim=1)
+
+
+def _packed_mask(llm: torch.nn.Module, n_prompt: int, lengths: list[int], dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    """(1, 1, N, n_prompt + N) mask of the packed candidates over the prompt's cache."""
+    return _as_mask(llm, _packed_allowed(n_prompt, lengths, device), dtype)
+
+
+def sliding_window(llm: torch.nn.Module) -> int | None:
+    """The window of the model's sliding-window attention layers (Gemma3: 512), or None. Such layers see
+    only keys fewer than `window` positions back, and their KV cache keeps only the last window - 1."""
+    cfg = llm.config
+    w = getattr(cfg, "sliding_window", None)
+    if not w or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return int(w)
+
+
 def _rank_one(llm: torch.nn.Module, prompt: torch.Tensor, cands: list[list[int]], length_norm: bool) -> torch.Tensor:
     """Scores (C,) of one user's candidates after one unpadded prompt (T, H)."""
     dev, T = prompt.device, prompt.shape[0]
     body = backbone(llm)
+    window = sliding_window(llm)
+    if window is not None and T + max(len(c) for c in cands) - 1 > window:
+        return _rank_one_windowed(llm, prompt, cands, length_norm, window)
     # 1) the prompt: its cache, and the distribution of the first answer token (head at the last position only)
     out = body(inputs_embeds=prompt[None], attention_mask=torch.ones((1, T), dtype=torch.long, device=dev),
                position_ids=torch.arange(T, device=dev)[None], use_cache=True)
@@ -115,6 +139,40 @@ def _rank_one(llm: torch.nn.Module, prompt: torch.Tensor, cands: list[list[int]]
         lp = head_log_probs(llm, h, tgt)
         owner = torch.repeat_interleave(torch.arange(len(cands), device=dev), torch.tensor(lengths, device=dev))
         total = total.index_add(0, owner, lp)
+    if length_norm:
+        total = total / torch.tensor([len(c) for c in cands], device=dev, dtype=total.dtype)
+    return total
+
+
+def _rank_one_windowed(llm: torch.nn.Module, prompt: torch.Tensor, cands: list[list[int]], length_norm: bool,
+                       window: int) -> torch.Tensor:
+    """`_rank_one` for a prompt + candidate longer than the model's sliding window: the window layers'
+    cache would have dropped the prompt's first tokens, so the prompt and the packed candidates run in one
+    forward with one mask per layer type (full attention: as packed; sliding: also at most window - 1
+    positions back, as the model itself masks in training)."""
+    types = set(getattr(llm.config, "layer_types", None) or [])
+    if "sliding_attention" not in types:
+        raise ValueError(f"a prompt of {prompt.shape[0]} tokens plus a candidate exceeds this model's sliding window "
+                         f"({window}), and the model takes no per-layer-type masks: shorten the prompt "
+                         "(stage2.history_len, stage2.max_title_tokens)")
+    dev, T = prompt.device, prompt.shape[0]
+    fed = [c[:-1] for c in cands]
+    lengths = [len(f) for f in fed]
+    ids = torch.tensor([t for f in fed for t in f], dtype=torch.long, device=dev)
+    emb = torch.cat([prompt, llm.get_input_embeddings()(ids).to(prompt.dtype)])[None]
+    pos = torch.cat([torch.arange(T, device=dev)] + [T + torch.arange(n, device=dev) for n in lengths])
+    i = torch.arange(T, device=dev)
+    prompt_rows = torch.cat([i[None, :] <= i[:, None], torch.zeros((T, len(ids)), dtype=torch.bool, device=dev)], 1)
+    full = torch.cat([prompt_rows, _packed_allowed(T, lengths, dev)])
+    near = (pos[:, None] - pos[None, :]) < window
+    masks = {"full_attention": _as_mask(llm, full, emb.dtype), "sliding_attention": _as_mask(llm, full & near, emb.dtype)}
+    h = backbone(llm)(inputs_embeds=emb, attention_mask=masks, position_ids=pos[None], use_cache=False).last_hidden_state[0]
+    firsts = torch.tensor([c[0] for c in cands], device=dev)
+    total = torch.log_softmax(_head_logits(llm, h[T - 1:T]), dim=-1)[0, firsts]
+    if sum(lengths):
+        tgt = torch.tensor([t for c in cands for t in c[1:]], device=dev)
+        owner = torch.repeat_interleave(torch.arange(len(cands), device=dev), torch.tensor(lengths, device=dev))
+        total = total.index_add(0, owner, head_log_probs(llm, h[T:], tgt))
     if length_norm:
         total = total / torch.tensor([len(c) for c in cands], device=dev, dtype=total.dtype)
     return total

@@ -246,3 +246,28 @@ def test_packaged_llm_scores_do_not_depend_on_the_batch():
     alone, eight = rec.rank(exs[:1])[0], rec.rank(exs)[0]
     assert np.abs(eight - alone).max() <= 1e-4
     assert np.argsort(-eight, kind="stable")[:10].tolist() == np.argsort(-alone, kind="stable")[:10].tolist()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_prompts_longer_than_a_sliding_window_rank_as_the_full_forward(tokenizers_by_style, attn):
+    """Gemma3's sliding-window layers (window 16 here, 512 in Gemma3-270M) keep only the last window - 1
+    tokens in their cache: a prompt + candidate longer than that is scored in one forward with a mask per
+    layer type, and must equal the model's own full forward (which masks the window itself)."""
+    from allmrec.llm.ranking import sliding_window
+    from tests.llm.test_stage2 import tiny_gemma3
+    tok, vocab = tokenizers_by_style["llama"]
+    llm = tiny_gemma3(vocab + 8, softcap=None)
+    llm.set_attn_implementation(attn)
+    assert sliding_window(llm) == 16
+    pb = PromptBuilder(tok, MOVIES, 6, use_user_token=False, item_tokens=False)
+    histories = [["The Matrix (1999)", "Toy Story (1995)", "Fargo (1996)"], ["Amelie (2001)"]]
+    cands = [CANDS, CANDS[2:] + ["The Matrix (1999)", "Fargo (1996)"]]
+    embeds, mask = _prompts(pb, llm, histories, cands)
+    assert int(mask.sum(1).min()) > 2 * 16  # far past the window
+    cand_ids = [[pb.target_ids(t) for t in c] for c in cands]
+    with torch.no_grad():
+        scores = rank_candidates(llm, embeds, mask, cand_ids, length_norm=True)
+        for u in range(2):
+            for j, ids in enumerate(cand_ids[u]):
+                ref = _no_cache_score(llm, embeds[u], mask[u], ids, True)
+                assert abs(scores[u, j].item() - ref) < 1e-4, (u, j, scores[u, j].item(), ref)
