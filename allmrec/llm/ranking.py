@@ -9,6 +9,11 @@ memory grows with the candidates' tokens, not with candidates x prompt). The LM 
 at the positions whose next token is scored (the hidden states are gathered first), in chunks of
 `HEAD_CHUNK` rows, so the logits never cost more than HEAD_CHUNK x vocabulary floats.
 
+Models with sliding-window attention layers (Gemma3: window 512) keep only the last window - 1 tokens in
+those layers' cache, so when a prompt plus a candidate is longer than the window the prompt and the packed
+candidates run in one forward instead, with one mask per layer type (the windowed one also cut at the
+window, as the model masks itself in training).
+
 Batch invariance: every user is run alone (no left padding, batch size 1), so the numbers of a user
 depend only on that user's prompt and candidates, never on what else was passed in the same call. On a
 bf16 model this matters: matrix kernels pick their blocking from the number of rows, so the rounding of
