@@ -118,32 +118,44 @@ def sliding_window(llm: torch.nn.Module) -> int | None:
 def _rank_one(llm: torch.nn.Module, prompt: torch.Tensor, cands: list[list[int]], length_norm: bool) -> torch.Tensor:
     """Scores (C,) of one user's candidates after one unpadded prompt (T, H)."""
     dev, T = prompt.device, prompt.shape[0]
-    body = backbone(llm)
     window = sliding_window(llm)
     if window is not None and T + max(len(c) for c in cands) - 1 > window:
         return _rank_one_windowed(llm, prompt, cands, length_norm, window)
+    body = backbone(llm)
     # 1) the prompt: its cache, and the distribution of the first answer token (head at the last position only)
     out = body(inputs_embeds=prompt[None], attention_mask=torch.ones((1, T), dtype=torch.long, device=dev),
                position_ids=torch.arange(T, device=dev)[None], use_cache=True)
-    past = out.past_key_values
-    firsts = torch.tensor([c[0] for c in cands], device=dev)
-    last = out.last_hidden_state[0, -1:]
-    total = torch.log_softmax(_head_logits(llm, last), dim=-1)[0, firsts]
     # 2) every candidate's tokens 0..L-2, packed into one row over the shared cache; token j+1 is scored
     #    at fed token j. Positions continue after the prompt for each candidate.
-    fed = [c[:-1] for c in cands]
-    lengths = [len(f) for f in fed]
-    if sum(lengths):
-        ids = torch.tensor([t for f in fed for t in f], device=dev)
-        tgt = torch.tensor([t for c in cands for t in c[1:]], device=dev)
-        pos = T + torch.cat([torch.arange(n, device=dev) for n in lengths])
+    ids, pos, lengths = _packed(cands, T, dev)
+    h = None
+    if len(ids):
         emb = llm.get_input_embeddings()(ids)[None]
         mask = _packed_mask(llm, T, lengths, emb.dtype, dev)
-        h = body(inputs_embeds=emb, attention_mask=mask, position_ids=pos[None], past_key_values=past,
+        h = body(inputs_embeds=emb, attention_mask=mask, position_ids=pos[None], past_key_values=out.past_key_values,
                  use_cache=True).last_hidden_state[0]
-        lp = head_log_probs(llm, h, tgt)
+    return _scores(llm, out.last_hidden_state[0, -1:], h, cands, lengths, length_norm)
+
+
+def _packed(cands: list[list[int]], T: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The fed tokens (all but each candidate's last) packed in one row, their positions (continuing after
+    a prompt of T tokens for every candidate) and each candidate's fed length."""
+    lengths = [len(c) - 1 for c in cands]
+    ids = torch.tensor([t for c in cands for t in c[:-1]], dtype=torch.long, device=dev)
+    pos = T + torch.cat([torch.arange(n, device=dev) for n in lengths])
+    return ids, pos, lengths
+
+
+def _scores(llm: torch.nn.Module, last: torch.Tensor, packed_h: torch.Tensor | None, cands: list[list[int]],
+            lengths: list[int], length_norm: bool) -> torch.Tensor:
+    """Each candidate's log-likelihood: its first token from the prompt's last hidden state (1, H), the rest
+    from the packed hidden states (N, H)."""
+    dev = last.device
+    total = torch.log_softmax(_head_logits(llm, last), dim=-1)[0, torch.tensor([c[0] for c in cands], device=dev)]
+    if packed_h is not None:
+        tgt = torch.tensor([t for c in cands for t in c[1:]], device=dev)
         owner = torch.repeat_interleave(torch.arange(len(cands), device=dev), torch.tensor(lengths, device=dev))
-        total = total.index_add(0, owner, lp)
+        total = total.index_add(0, owner, head_log_probs(llm, packed_h, tgt))
     if length_norm:
         total = total / torch.tensor([len(c) for c in cands], device=dev, dtype=total.dtype)
     return total
@@ -155,32 +167,21 @@ def _rank_one_windowed(llm: torch.nn.Module, prompt: torch.Tensor, cands: list[l
     cache would have dropped the prompt's first tokens, so the prompt and the packed candidates run in one
     forward with one mask per layer type (full attention: as packed; sliding: also at most window - 1
     positions back, as the model itself masks in training)."""
-    types = set(getattr(llm.config, "layer_types", None) or [])
-    if "sliding_attention" not in types:
+    if "sliding_attention" not in set(getattr(llm.config, "layer_types", None) or []):
         raise ValueError(f"a prompt of {prompt.shape[0]} tokens plus a candidate exceeds this model's sliding window "
                          f"({window}), and the model takes no per-layer-type masks: shorten the prompt "
                          "(stage2.history_len, stage2.max_title_tokens)")
     dev, T = prompt.device, prompt.shape[0]
-    fed = [c[:-1] for c in cands]
-    lengths = [len(f) for f in fed]
-    ids = torch.tensor([t for f in fed for t in f], dtype=torch.long, device=dev)
+    ids, packed_pos, lengths = _packed(cands, T, dev)
     emb = torch.cat([prompt, llm.get_input_embeddings()(ids).to(prompt.dtype)])[None]
-    pos = torch.cat([torch.arange(T, device=dev)] + [T + torch.arange(n, device=dev) for n in lengths])
-    i = torch.arange(T, device=dev)
-    prompt_rows = torch.cat([i[None, :] <= i[:, None], torch.zeros((T, len(ids)), dtype=torch.bool, device=dev)], 1)
-    full = torch.cat([prompt_rows, _packed_allowed(T, lengths, dev)])
+    pos = torch.cat([torch.arange(T, device=dev), packed_pos])
+    causal = pos[None, :T] <= pos[:T, None]
+    full = torch.cat([torch.cat([causal, torch.zeros((T, len(ids)), dtype=torch.bool, device=dev)], 1),
+                      _packed_allowed(T, lengths, dev)])
     near = (pos[:, None] - pos[None, :]) < window
     masks = {"full_attention": _as_mask(llm, full, emb.dtype), "sliding_attention": _as_mask(llm, full & near, emb.dtype)}
     h = backbone(llm)(inputs_embeds=emb, attention_mask=masks, position_ids=pos[None], use_cache=False).last_hidden_state[0]
-    firsts = torch.tensor([c[0] for c in cands], device=dev)
-    total = torch.log_softmax(_head_logits(llm, h[T - 1:T]), dim=-1)[0, firsts]
-    if sum(lengths):
-        tgt = torch.tensor([t for c in cands for t in c[1:]], device=dev)
-        owner = torch.repeat_interleave(torch.arange(len(cands), device=dev), torch.tensor(lengths, device=dev))
-        total = total.index_add(0, owner, head_log_probs(llm, h[T:], tgt))
-    if length_norm:
-        total = total / torch.tensor([len(c) for c in cands], device=dev, dtype=total.dtype)
-    return total
+    return _scores(llm, h[T - 1:T], h[T:] if len(ids) else None, cands, lengths, length_norm)
 
 
 @torch.no_grad()
