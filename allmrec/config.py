@@ -129,11 +129,6 @@ class RayConfig:
     # every read_parquet: ~5 s per read of one small file here, against 0.6 s for V1. Our prepared
     # datasets are a few files each, so V1 by default; True for V2 (many-file inputs on a cluster).
     datasource_v2: bool = False
-    # niceness of a local cluster's worker processes. Ray's default, 15, lets every nice-0 process (Ray's
-    # own daemons, the driver, anything else on the machine) preempt the training and scoring workers,
-    # and on a few cores a preempted torch thread stalls its peers at every OpenMP barrier. 0: the
-    # driver's priority; null: Ray's default. (A cluster started by `ray start` takes RAY_worker_niceness.)
-    worker_niceness: int | None = F(0, ge=0, le=19)
 
 
 @dataclass

@@ -71,8 +71,6 @@ def _start_or_attach(ray, cfg: Config) -> None:
         # the cleaner cannot work and logs a warning every few seconds (half the main job's log lines).
         kwargs["include_dashboard"] = True
         kwargs.update(_state_api_of_this_cluster())
-        if cfg.ray.worker_niceness is not None:  # read by every worker process at its start
-            os.environ.setdefault("RAY_worker_niceness", str(cfg.ray.worker_niceness))
         num_cpus = cfg.ray.num_cpus or 2 * (os.cpu_count() or 1)
         if cfg.ray.object_store_memory_gb:
             kwargs["object_store_memory"] = int(cfg.ray.object_store_memory_gb * (1 << 30))

@@ -72,15 +72,3 @@ def test_init_ray_picks_the_parquet_reader_from_the_config(ray_session):
     finally:
         init_ray(Config())
     assert ctx.use_datasource_v2 is False
-
-
-def test_local_cluster_workers_run_at_the_drivers_priority(ray_session):
-    """ray.worker_niceness (0 by default): Ray would start its workers at niceness 15, below every nice-0
-    process on the machine."""
-    import os
-
-    @ray_session.remote
-    def niceness() -> int:
-        return os.nice(0)
-
-    assert ray_session.get(niceness.remote()) == int(os.environ.get("RAY_worker_niceness", "0")) == 0
