@@ -227,15 +227,8 @@ class Stage2Config:
     max_users: int | None = F(None, ge=1)
     num_workers: int = F(1, ge=1)
     use_gpu: bool = False
-    # ZeRO-0 on one worker: the fastest on a CPU (as Stage-2); zero_stage=3 + configs/deepspeed/zero3.json
-    # partitions the LLM and its adapters over the workers (then nothing is compiled)
-    zero_stage: int = F(0, ge=0, le=3)
-    deepspeed_config: str = F("configs/deepspeed/zero0.json", file=True)
-
-    def compiles(self, stage2: "Stage2Config") -> bool:
-        """Whether TALLRec compiles the LLM's decoder blocks, adapters inside: as `stage2.compile` says,
-        never under ZeRO-3 (partitioned weights' hooks and compiled graphs do not mix)."""
-        return stage2.compile != "never" and self.zero_stage < 3
+    zero_stage: int = F(3, ge=0, le=3)
+    deepspeed_config: str = F("configs/deepspeed/zero3.json", file=True)
     bf16: bool = False  # DeepSpeed bf16 mixed precision of the trained parts (GPU only)
     # dtype of the frozen LLM's weights in Stage-2, evaluation, scoring and serving: auto = bf16 on GPU
     # and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32; or float32 | bfloat16 | float16
@@ -286,7 +279,7 @@ class TallrecConfig:
     max_users: int | None = F(None, ge=1)  # None: stage2.max_users (the same seeded users as A-LLMRec's Stage-2)
     num_workers: int = F(1, ge=1)
     use_gpu: bool = False
-    # ZeRO-0 on one worker: the fastest on a CPU (as Stage-2); zero_stage=3 + configs/deepspeed/zero3.json
+    # ZeRO-0 on one worker: the fastest on a CPU (as the main job's Stage-2); zero_stage=3 + zero3.json
     # partitions the LLM and its adapters over the workers (then nothing is compiled)
     zero_stage: int = F(0, ge=0, le=3)
     deepspeed_config: str = F("configs/deepspeed/zero0.json", file=True)
