@@ -189,15 +189,14 @@ def test_stage1_item_table_from_rank0_equals_the_ray_data_job(trained_tiny, laye
     from allmrec.artifacts import RunFolder, read_item_table
     from allmrec.config import config_from_dict
     from pipelines.joint import JointEmbedder, build_stage1_model, item_arrays
+    from pipelines.workers import item_texts_from
 
     cfg, _ = trained_tiny
     rf = RunFolder(cfg)
     c = config_from_dict(cfg.to_dict())
     c.stage1.sbert_trainable_layers = layers
     prep = rf.prepared()
-    texts = [""] * (int(prep.items["item"].max()) + 1)
-    for i, t in zip(prep.items["item"], prep.items["text"]):
-        texts[int(i)] = t
+    texts = item_texts_from({"item": prep.items["item"].to_numpy(), "text": prep.items["text"].to_numpy()})
     cf_files, export = rf.cf_files(), rf.stage1_export_path.read_bytes()
     ref = JointEmbedder(c.to_dict(), [(cf_files, export, texts)], threads=1)(
         {"item": np.arange(len(texts), dtype=np.int64)})
