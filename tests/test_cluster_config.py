@@ -217,8 +217,10 @@ def test_cluster_profile_loads_with_paper_hyperparameters() -> None:
     assert s2.llm == "facebook/opt-6.7b"
     assert s2.use_gpu and s2.bf16 and s2.zero_stage == 3 and s2.num_workers >= 4
     assert s1.use_gpu and cfg.cf.use_gpu and cfg.encode.use_gpu and cfg.eval.use_gpu
+    tr = cfg.tallrec  # the baseline trains on the same GPUs, its adapters partitioned like Stage-2's LLM
+    assert tr.use_gpu and tr.zero_stage == 3 and tr.num_workers == s2.num_workers and not tr.compiles(s2)
     assert s1.max_users is None and s2.max_users is None and cfg.eval.max_users is None
-    for sect in (s1, s2):
+    for sect in (s1, s2, tr):
         assert _ds_raw(Path(sect.deepspeed_config).name)["zero_optimization"]["stage"] == sect.zero_stage
         assert (REPO / sect.deepspeed_config).is_file()
     assert 1 <= cfg.serve.min_replicas <= cfg.serve.max_replicas
@@ -229,6 +231,7 @@ def test_cluster_profile_fits_the_cluster() -> None:
     prov = yaml.safe_load(CLUSTER.read_text())["provider"]
     total_gpus = GPUS_PER_NODE * (1 + len(prov["worker_ips"]))
     demands = {"stage1": cfg.stage1.num_workers, "stage2": cfg.stage2.num_workers, "cf": cfg.cf.num_workers,
+               "tallrec": cfg.tallrec.num_workers,
                "encode": cfg.encode.num_actors, "eval": cfg.eval.num_actors,
                "serve": cfg.serve.max_replicas}
     assert all(1 <= n <= total_gpus for n in demands.values()), demands
