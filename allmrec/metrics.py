@@ -57,6 +57,19 @@ def proportion_se(p: float, n: int) -> float:
     return float(np.sqrt(p * (1 - p) / n))
 
 
+def paired_difference(hits_a, hits_b) -> dict[str, float | int]:
+    """Hit@K of model a minus model b on the same n cases (0/1 each), with the standard error of that paired
+    difference, sd(a - b) / sqrt(n): far smaller than the two unpaired errors combined when the models agree
+    on most cases, so it is the error to judge "a beats b" on one test set by. wins: a hits where b misses."""
+    a, b = np.asarray(hits_a, dtype=np.float64), np.asarray(hits_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired hits must be two 1-D arrays of one non-zero length, got {a.shape} and {b.shape}")
+    d = a - b
+    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else 0.0
+    return {"diff": float(d.mean()), "se": se, "wins": int((d > 0).sum()), "losses": int((d < 0).sum()),
+            "n": int(d.size)}
+
+
 def summarize(ranks, ks: tuple[int, ...] = (1, 3, 5, 10)) -> dict[str, float | int]:
     """{"hit@1": ..., "ndcg@1": ..., ..., "mrr": ..., "n": number of users}."""
     r = _ranks(ranks)

@@ -30,7 +30,7 @@ from allmrec.cf.trainer import evaluate_candidates, popularity_scores
 from allmrec.config import Config, config_from_dict, load_config
 from allmrec.data.load import Prepared
 from allmrec.io import atomic_dir, fingerprint, is_complete, read_manifest
-from allmrec.metrics import proportion_se, ranks_from_scores, summarize
+from allmrec.metrics import paired_difference, proportion_se, ranks_from_scores, summarize
 from pipelines.common import actor_pool, clear_leftovers, init_ray, up_to_date
 from pipelines.fingerprints import CF_VARIANTS, variant_inputs  # CF_VARIANTS: every registered CF model, "cf", most_popular
 
@@ -227,6 +227,7 @@ def evaluate(cfg: Config, force: bool = False) -> Path:
         log.info("evaluate: %s scored %d rows in %.1f s", variant, len(rows), timings[variant])
     res = pd.concat(results, ignore_index=True)
     report = summarize_results(res)
+    paired = paired_vs(res, cfg.cf.model)
     with atomic_dir(out_dir) as tmp:
         res.to_parquet(tmp / "results.parquet")
         meta = {"seed": cfg.seed, "data": read_manifest(rf.data)["fingerprint"],
@@ -234,7 +235,8 @@ def evaluate(cfg: Config, force: bool = False) -> Path:
                 "mode": e.mode, "variants": variants_of(cfg), "users_overall": int((rows.scenario == "overall").sum()),
                 "users_cold": int((rows.scenario == "cold_users").sum()), "seconds": timings,
                 "fingerprint": fp}
-        (tmp / "report.json").write_text(json.dumps({"meta": meta, "metrics": report}, indent=2))
+        (tmp / "report.json").write_text(json.dumps({"meta": meta, "metrics": report,
+                                                     "paired": {"base": cfg.cf.model, "hit@1": paired}}, indent=2))
         plots = {"Hit@1 per scenario (bars: ± 1 standard error)": "hit1.png"}
         cf_dir = rf.cf_found()
         if cf_dir is not None and (cf_dir / "metrics.json").exists() and plot_cf_curve(
@@ -242,7 +244,7 @@ def evaluate(cfg: Config, force: bool = False) -> Path:
                 f"train-cf ({cfg.cf.model}): validation curve"):
             plots[f"CF model ({cfg.cf.model}) validation curve"] = "cf_valid.png"
         plots |= loss_plot_links(rf.root, out_dir)
-        (tmp / "report.md").write_text(render_markdown(report, meta, cfg, plots))
+        (tmp / "report.md").write_text(render_markdown(report, meta, cfg, plots, paired))
         plot_report(report, tmp)
         cfg.dump(tmp / RESOLVED_CONFIG)
         (tmp / "manifest.json").write_text(json.dumps(meta | {"job": "evaluate", "inputs": inputs}, indent=2))
@@ -288,6 +290,31 @@ def summarize_results(res: pd.DataFrame) -> dict:
     return out
 
 
+def paired_vs(res: pd.DataFrame, base: str) -> dict:
+    """paired[variant][scenario] = Hit@1 of the variant minus the `base` model's on the same test cases, with
+    the paired standard error (allmrec.metrics.paired_difference); {} when `base` was not scored."""
+    scen = {"overall": lambda g: g.scenario == "overall",
+            "cold_items": lambda g: (g.scenario == "overall") & (g.group == "cold"),
+            "cold_users": lambda g: g.scenario == "cold_users"}
+    keys = ["scenario", "user", "target", "group"]
+    if "rank" not in res or base not in set(res.variant):
+        return {}
+    b = res[res.variant == base].set_index(keys)["rank"]
+    out: dict = {}
+    for v, g in res.groupby("variant", sort=False):
+        if v == base or g["rank"].isna().any():
+            continue
+        g = g.set_index(keys)
+        both = g.index.intersection(b.index)
+        out[v] = {}
+        for name, mask in scen.items():
+            idx = both[mask(both.to_frame(index=False)).to_numpy()]
+            if len(idx):
+                out[v][name] = paired_difference(g.loc[idx, "rank"].to_numpy() == 0,
+                                                 b.loc[idx].to_numpy() == 0)
+    return out
+
+
 def hit1_se(m: dict) -> float | None:
     """Standard error of a scenario's Hit@1, a proportion over its n users: sqrt(p (1 - p) / n)."""
     p, n = m.get("hit@1"), m.get("n")
@@ -321,8 +348,10 @@ def settings_block(cfg: Config) -> list[str]:
             ""]
 
 
-def render_markdown(report: dict, meta: dict, cfg: Config, plots: dict[str, str] | None = None) -> str:
-    """report.md; `plots`: caption -> path relative to the report folder (PNGs are shown, the rest linked)."""
+def render_markdown(report: dict, meta: dict, cfg: Config, plots: dict[str, str] | None = None,
+                    paired: dict | None = None) -> str:
+    """report.md; `plots`: caption -> path relative to the report folder (PNGs are shown, the rest linked);
+    `paired`: paired_vs against the CF model."""
     scen = ["overall", "warm_items", "cold_items", "cold_users"]
     lines = [f"# Evaluation report: {cfg.name}", "",
              f"Protocol: 1 positive + {cfg.data.n_negatives} seeded negatives per user (seed {cfg.seed}), "
@@ -348,6 +377,17 @@ def render_markdown(report: dict, meta: dict, cfg: Config, plots: dict[str, str]
         lines.append(f"| {v} | {f('hit@1')} | {'-' if se is None else f'{se:.4f}'} | "
                      + " | ".join(f(k) for k in ("hit@3", "hit@5", "hit@10", "ndcg@5", "ndcg@10",
                                                  "mrr", "gen_hit@1", "gen_no_candidate")) + f" | {o.get('n', '-')} |")
+    if paired:
+        pscen = ["overall", "cold_items", "cold_users"]
+        lines += ["", f"## Against the CF model ({cfg.cf.model}), paired", "",
+                  f"Hit@1 minus {cfg.cf.model}'s on the same test cases ± the paired standard error "
+                  "sd(difference)/sqrt(n); (w/l): cases only this model / only the CF model ranks first. A "
+                  "difference beyond about two paired standard errors is one this test set tells apart.", "",
+                  "| model | " + " | ".join(pscen) + " |", "|---|" + "---|" * len(pscen)]
+        for v, r in paired.items():
+            lines.append(f"| {v} | " + " | ".join(
+                "-" if s not in r else f"{r[s]['diff']:+.4f} ± {r[s]['se']:.4f} ({r[s]['wins']}/{r[s]['losses']})"
+                for s in pscen) + " |")
     lines += ["", f"Seconds per variant: {meta['seconds']}", ""]
     plots = plots if plots is not None else {"Hit@1 per scenario (bars: ± 1 standard error)": "hit1.png"}
     if plots:

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from allmrec.metrics import hit_at_k, mrr, ndcg_at_k, ranks_from_scores, summarize
+from allmrec.metrics import hit_at_k, mrr, ndcg_at_k, paired_difference, ranks_from_scores, summarize
 
 RANKS = [0, 1, 5, 20]
 
@@ -51,3 +51,16 @@ def test_bad_k_and_nan_scores_rejected():
         hit_at_k([0], 0)
     with pytest.raises(ValueError):
         ranks_from_scores(np.array([[np.nan, 1.0]]))
+
+
+def test_paired_difference_known_case():
+    a = [1, 1, 0, 0, 1]  # a hits cases 0, 1, 4; b hits 1, 2
+    b = [0, 1, 1, 0, 0]
+    r = paired_difference(a, b)
+    d = np.array([1, 0, -1, 0, 1])
+    assert r["diff"] == pytest.approx(0.2) and (r["wins"], r["losses"], r["n"]) == (2, 1, 5)
+    assert r["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(5))
+    # models that agree on every case differ by 0 with no error, whatever their own Hit@1's error
+    assert paired_difference(a, a) == {"diff": 0.0, "se": 0.0, "wins": 0, "losses": 0, "n": 5}
+    with pytest.raises(ValueError, match="paired hits"):
+        paired_difference([1, 0], [1])

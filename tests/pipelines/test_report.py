@@ -5,7 +5,7 @@ import math
 import pytest
 
 from allmrec.config import Config
-from pipelines.evaluate import hit1_se, loss_plot_links, plot_cf_curve, plot_report, render_markdown
+from pipelines.evaluate import hit1_se, loss_plot_links, paired_vs, plot_cf_curve, plot_report, render_markdown
 from pipelines.workers import plot_losses
 
 REPORT = {"sasrec": {"overall": {"hit@1": 0.25, "hit@3": 0.5, "mrr": 0.4, "n": 60},
@@ -78,3 +78,22 @@ def test_loss_plot_links(tmp_path):
     links = loss_plot_links(tmp_path, tmp_path / "report")
     assert sorted(links.values()) == ["../stage1/loss.png", "../stage2/joint-u1/loss.png", "../tallrec/loss.png"]
     json.dumps(links)
+
+
+def test_paired_against_the_cf_model():
+    import pandas as pd
+    # 4 test cases (one cold item) + 2 cold users; rank 0 = a hit
+    cases = [("overall", 1, 10, "warm"), ("overall", 2, 11, "warm"), ("overall", 3, 12, "cold"),
+             ("overall", 4, 13, "warm"), ("cold_users", 5, 14, "warm"), ("cold_users", 6, 15, "warm")]
+    ranks = {"sasrec": [0, 0, 3, 2, 0, 1], "allmrec": [0, 4, 0, 0, 1, 1]}
+    res = pd.DataFrame([dict(zip(("scenario", "user", "target", "group"), c), variant=v, rank=ranks[v][i])
+                        for v in ranks for i, c in enumerate(cases)])
+    p = paired_vs(res.sample(frac=1, random_state=0), "sasrec")  # rows matched by case, not by order
+    assert set(p) == {"allmrec"}
+    o, ci, cu = p["allmrec"]["overall"], p["allmrec"]["cold_items"], p["allmrec"]["cold_users"]
+    assert (o["diff"], o["wins"], o["losses"], o["n"]) == (pytest.approx(0.25), 2, 1, 4)
+    assert (ci["diff"], ci["n"], cu["diff"], cu["losses"]) == (1.0, 1, -0.5, 1)
+    assert paired_vs(res, "gru4rec") == {}  # the CF model was not scored: nothing to pair with
+    md = render_markdown(REPORT, META, Config(), {}, p)
+    assert "## Against the CF model (sasrec), paired" in md
+    assert f"| allmrec | +0.2500 ± {o['se']:.4f} (2/1) | +1.0000 ± 0.0000 (1/0) | -0.5000 ± 0.5000 (0/1) |" in md
