@@ -7,7 +7,9 @@ report (only those named by --models, when given), named "<model> (<label>)" whe
 `--metric gen_hit@1` tabulates the paper's generation-mode Hit@1 instead of the ranking's. The
 reports must share data version, seed, scoring mode and user counts, i.e. the same candidate sets,
 else the script refuses (--mixed allows it, for cross-domain tables). Hit@1 comes with its binomial
-standard error, sqrt(p(1-p)/n), so that a reader sees what a column of 35 users can and cannot say.
+standard error, sqrt(p(1-p)/n), so that a reader sees what a column of 35 users can and cannot say; the
+"vs CF" column is the report's paired comparison with its CF model on the same cases (difference ± paired
+standard error, reports written since it exists).
 """
 from __future__ import annotations
 
@@ -40,6 +42,13 @@ def cell(m: dict | None, key: str = "hit@1", se: bool = False) -> str:
     return f"{v:.4f} ± {proportion_se(v, m['n']):.3f}"
 
 
+def vs_cf(r: dict, name: str) -> str:
+    """Overall Hit@1 minus the report's CF model's, ± the paired standard error ("" where not recorded)."""
+    p = r.get("paired", {})
+    m = p.get("hit@1", {}).get(name, {}).get("overall")
+    return "" if not m else f"{m['diff']:+.4f} ± {m['se']:.3f}"
+
+
 def table(reports: list[tuple[str | None, dict]], models: list[str] | None = None, mixed: bool = False,
           metric: str = "hit@1") -> str:
     if not reports:
@@ -50,8 +59,8 @@ def table(reports: list[tuple[str | None, dict]], models: list[str] | None = Non
         if diff and not mixed:
             raise ValueError(f"report {label or '?'} differs from the first in {', '.join(diff)}: not the same "
                              f"candidate sets (pass --mixed to tabulate anyway)")
-    lines = [f"| model | overall {metric} | warm items | cold items | cold users | NDCG@10 | MRR | n (overall/warm/cold/cold users) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| model | overall {metric} | warm items | cold items | cold users | NDCG@10 | MRR | vs CF, paired | n (overall/warm/cold/cold users) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, r in reports:
         for name, by_scenario in r["metrics"].items():
             if models and name not in models:
@@ -59,7 +68,7 @@ def table(reports: list[tuple[str | None, dict]], models: list[str] | None = Non
             o = by_scenario.get("overall")
             row = [f"{name} ({label})" if label else name, cell(o, metric, se=True),
                    *(cell(by_scenario.get(s), metric, se=True) for s in SCENARIOS[1:]), cell(o, "ndcg@10"), cell(o, "mrr"),
-                   "/".join(str(by_scenario.get(s, {}).get("n", 0)) for s in SCENARIOS)]
+                   vs_cf(r, name) if metric == "hit@1" else "", "/".join(str(by_scenario.get(s, {}).get("n", 0)) for s in SCENARIOS)]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

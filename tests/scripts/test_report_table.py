@@ -50,3 +50,14 @@ def test_generation_metric_column(tmp_path):
     (d / "report.json").write_text(json.dumps(r))
     out = report_table.table([report_table.load(str(d))], metric="gen_hit@1")
     assert "overall gen_hit@1" in out and "| allmrec | 0.2500 ± 0.217 |" in out  # sqrt(.25*.75/4) = .2165
+
+
+def test_paired_column_from_the_report(tmp_path):
+    d = _report(tmp_path, "p", 0.3)
+    r = json.loads((d / "report.json").read_text())
+    r["paired"] = {"base": "sasrec", "hit@1": {"allmrec": {"overall": {"diff": -0.2, "se": 0.031, "wins": 3,
+                                                                         "losses": 23, "n": 100}}}}
+    (d / "report.json").write_text(json.dumps(r))
+    rows = report_table.table([report_table.load(str(d))]).splitlines()[2:]
+    assert "| -0.2000 ± 0.031 |" in rows[1] and rows[1].startswith("| allmrec |")
+    assert "| 0.5000 | 0.4000 |  |" in rows[0]  # the CF model itself (and older reports): blank
