@@ -59,8 +59,8 @@ def proportion_se(p: float, n: int) -> float:
 
 def paired_difference(hits_a, hits_b) -> dict[str, float | int]:
     """Hit@K of model a minus model b on the same n cases (0/1 each), with the standard error of that paired
-    difference, sd(a - b) / sqrt(n): far smaller than the two unpaired errors combined when the models agree
-    on most cases, so it is the error to judge "a beats b" on one test set by. wins: a hits where b misses."""
+    difference, sd(a - b) / sqrt(n): smaller than the two unpaired errors combined when the models agree on
+    many cases, so it is the error to judge "a beats b" on one test set by. wins: a hits where b misses."""
     a, b = np.asarray(hits_a, dtype=np.float64), np.asarray(hits_b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"paired hits must be two 1-D arrays of one non-zero length, got {a.shape} and {b.shape}")

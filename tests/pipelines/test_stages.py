@@ -107,8 +107,16 @@ def test_evaluate_writes_a_parseable_report(trained_tiny):
         o = scen["overall"]
         assert o["n"] == 6 and 0 <= o["hit@1"] <= o["hit@5"] <= o["hit@10"] <= 1
     assert "gen_hit@1" in rep["metrics"]["allmrec"]["overall"]
+    # every other model against the CF model on the same cases: the difference of the two Hit@1s
+    paired = rep["paired"]["hit@1"]
+    assert rep["paired"]["base"] == "sasrec" and set(paired) == {"most_popular", "llm_only", "allmrec"}
+    m = rep["metrics"]
+    assert paired["allmrec"]["overall"]["diff"] == pytest.approx(
+        m["allmrec"]["overall"]["hit@1"] - m["sasrec"]["overall"]["hit@1"])
+    assert paired["allmrec"]["overall"]["n"] == 6
     md = (out / "report.md").read_text()
     assert "| allmrec |" in md and (out / "hit1.png").stat().st_size > 0
+    assert "## Against the CF model (sasrec), paired" in md
     res = pd.read_parquet(out / "results.parquet")
     assert len(res[res.variant == "allmrec"]) == len(res[res.variant == "sasrec"])
     assert (out / "config.yaml").is_file() and json.loads((out / "manifest.json").read_text())["job"] == "evaluate"
