@@ -271,11 +271,18 @@ def track_report(cfg: Config, report: dict, out_dir: Path) -> None:
     tracker.end()
 
 
+def scenario_masks(rows: pd.DataFrame) -> dict[str, pd.Series]:
+    """The report's scenarios as row masks: every test user (overall), split by the target's group (warm /
+    cold items), and the cold users."""
+    overall = rows.scenario == "overall"
+    return {"overall": overall, "warm_items": overall & (rows.group == "warm"),
+            "cold_items": overall & (rows.group == "cold"), "cold_users": rows.scenario == "cold_users"}
+
+
 def summarize_results(res: pd.DataFrame) -> dict:
     """metrics[variant][scenario] = {hit@1, ..., n} (+ generation hit@1 and the no-candidate rate)."""
     out: dict = {}
-    scen = {"overall": res.scenario == "overall", "warm_items": (res.scenario == "overall") & (res.group == "warm"),
-            "cold_items": (res.scenario == "overall") & (res.group == "cold"), "cold_users": res.scenario == "cold_users"}
+    scen = scenario_masks(res)
     for v, g in res.groupby("variant", sort=False):
         out[v] = {}
         for name, mask in scen.items():
@@ -293,26 +300,14 @@ def summarize_results(res: pd.DataFrame) -> dict:
 def paired_vs(res: pd.DataFrame, base: str) -> dict:
     """paired[variant][scenario] = Hit@1 of the variant minus the `base` model's on the same test cases, with
     the paired standard error (allmrec.metrics.paired_difference); {} when `base` was not scored."""
-    scen = {"overall": lambda g: g.scenario == "overall",
-            "cold_items": lambda g: (g.scenario == "overall") & (g.group == "cold"),
-            "cold_users": lambda g: g.scenario == "cold_users"}
-    keys = ["scenario", "user", "target", "group"]
     if "rank" not in res or base not in set(res.variant):
         return {}
-    b = res[res.variant == base].set_index(keys)["rank"]
-    out: dict = {}
-    for v, g in res.groupby("variant", sort=False):
-        if v == base or g["rank"].isna().any():
-            continue
-        g = g.set_index(keys)
-        both = g.index.intersection(b.index)
-        out[v] = {}
-        for name, mask in scen.items():
-            idx = both[mask(both.to_frame(index=False)).to_numpy()]
-            if len(idx):
-                out[v][name] = paired_difference(g.loc[idx, "rank"].to_numpy() == 0,
-                                                 b.loc[idx].to_numpy() == 0)
-    return out
+    ranks = res.pivot(index=["scenario", "user", "target", "group"], columns="variant", values="rank")
+    masks = {k: m.to_numpy() for k, m in scenario_masks(ranks.index.to_frame(index=False)).items()
+             if k != "warm_items" and m.any()}
+    base_hit = ranks[base].to_numpy() == 0
+    return {v: {k: paired_difference(ranks[v].to_numpy()[m] == 0, base_hit[m]) for k, m in masks.items()}
+            for v in res.variant.unique() if v != base and ranks[v].notna().all()}
 
 
 def hit1_se(m: dict) -> float | None:
