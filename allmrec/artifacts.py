@@ -341,6 +341,9 @@ class RunFolder:
         from allmrec.recommender import LLMRecommender
 
         item_tokens, user = self._variant(variant)
+        if user and self.cfg.stage2.candidate_order == "cf" and item_table is not None:
+            raise ValueError("stage2.candidate_order=cf sorts candidates by the source CF model's scores, which "
+                             "it has only for its own catalogue: a cross-domain evaluation cannot use it")
         cfg = copy.deepcopy(self.cfg)
         cfg.stage2.item_tokens, cfg.stage2.use_user_token = item_tokens, user
         here = RunFolder(cfg, self.root)
@@ -361,8 +364,10 @@ class RunFolder:
                 raise MissingArtifact(f"{models.lora_path} not found: run `{models.command('tallrec')}` first")
             # not merged: the fp32 adapters stay exact on a bf16 LLM (merging would round them to bf16)
             llm = load_lora(llm, models.lora_path, cfg.tallrec).to(device)
+        order = cfg.stage2.candidate_order if user else "seeded"  # baselines without x_u see no CF order
         rec = LLMRecommender(llm, tok, item_titles(prep), cfg.data.domain, projector=projector, item_vectors=vectors,
-                             use_user_token=cfg.stage2.use_user_token, **cfg.stage2.prompt())
+                             use_user_token=cfg.stage2.use_user_token, **cfg.stage2.prompt(), candidate_order=order,
+                             cf_items=cf.item_embeddings() if order == "cf" else None)
         return rec, cf, prep
 
 

@@ -191,6 +191,8 @@ class Stage1Config:
 ITEM_TOKEN_POSITIONS = ("after", "before")  # an item's soft token after its title (the paper) or before it
 # the user sentence first (the paper), after the history, or the user's soft token alone as the last prompt token
 USER_TOKEN_POSITIONS = ("start", "after_history", "answer")
+# the order of the candidates in the prompt: seeded at random (the paper) or best CF score first
+CANDIDATE_ORDERS = ("seeded", "cf")
 
 
 @dataclass
@@ -224,6 +226,13 @@ class Stage2Config:
     # the way a candidate's title continues its [emb]: an induction head of the frozen LLM can copy the
     # title whose [emb] matches [user] (docs/results.md, "The user token at the answer")
     user_token_position: str = F("start", choices=USER_TOKEN_POSITIONS)
+    # the candidates' order in the prompt: "seeded" = a seeded shuffle per user (the paper: the LLM must find
+    # the target anywhere in the list); "cf" = by the CF model's score <x_u, E_i>, best first (a departure:
+    # the LLM re-ranks the CF model's ranking, which it sees as the list's order; ties and items the CF
+    # model does not know keep the seeded order, after the known ones). Needs the user token (x_u); the
+    # LLM-Only and TALLRec baselines, which see no CF input, keep the seeded order (docs/results.md,
+    # "Candidates in the CF model's order")
+    candidate_order: str = F("seeded", choices=CANDIDATE_ORDERS)
     max_users: int | None = F(None, ge=1)
     num_workers: int = F(1, ge=1)
     use_gpu: bool = False
@@ -256,8 +265,9 @@ class Stage2Config:
 
     # the settings that shape the prompt text: what a trained projector or adapter is tied to
     # the layout options added after the paper's prompt: checked when a projector is loaded
-    LAYOUT_KEYS = ("chat_prompt", "item_token_position", "user_token_position")
-    PROMPT_KEYS = ("history_len", "max_title_tokens", *LAYOUT_KEYS)
+    LAYOUT_KEYS = ("chat_prompt", "item_token_position", "user_token_position", "candidate_order")
+    # what the prompt builder takes (candidate_order is LLMRecommender's own argument: it needs the CF model)
+    PROMPT_KEYS = ("history_len", "max_title_tokens", "chat_prompt", "item_token_position", "user_token_position")
 
     def prompt(self) -> dict:
         """LLMRecommender's prompt keyword arguments."""
@@ -376,6 +386,9 @@ class Config:
               "stage1: every loss term is off (use_matching, use_rec, use_recon with alpha/beta): nothing to train")
         check(self.serve.min_replicas <= self.serve.max_replicas, "serve.min_replicas must be <= serve.max_replicas")
         check(len(self.eval.variants) > 0, "eval.variants must name at least one variant")
+        check(self.stage2.candidate_order == "seeded" or self.stage2.use_user_token,
+              "stage2.candidate_order=cf orders the candidates by the CF model's <x_u, E_i>, which needs the user "
+              "representation: set stage2.use_user_token=true")
         check(not (self.stage2.compile == "always" and self.stage2.zero_stage == 3),
               "stage2.compile=always cannot be used with stage2.zero_stage=3 (partitioned weights); use auto or never")
         return errors

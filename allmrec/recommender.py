@@ -41,8 +41,9 @@ def candidate_order(candidates: Sequence[int | str], seed: int, user: int | None
                     history: Sequence[int] | None = None) -> list[int | str]:
     """The seeded order in which candidates are shown to the LLM (evaluation and serving alike).
 
-    The LLM was trained on shuffled candidates, so showing them in CF-score order would bias it by
-    position. A known `user` gets default_rng([seed, user, 9]): for [target, *negatives] exactly the
+    The LLM is trained on shuffled candidates (the paper), so that a candidate's place in the list says
+    nothing about it; a model trained with `stage2.candidate_order=cf` re-sorts them by CF score inside
+    `LLMRecommender`, from this same order (its ties keep it). A known `user` gets default_rng([seed, user, 9]): for [target, *negatives] exactly the
     order every model is evaluated on, and the order the service shows that user. Without a user, an
     anonymous `history` seeds the order (default_rng([seed, 9, *history])): same request, same answer.
     Candidates are item ids or new-item ids (str); numpy integers come back as int.
@@ -113,9 +114,18 @@ class LLMRecommender:
     def __init__(self, llm: nn.Module, tokenizer, titles: Sequence[str], domain, *, projector: Stage2Projector | None,
                  item_vectors: np.ndarray | None, use_user_token: bool, history_len: int = 10,
                  max_title_tokens: int = 16, chat_prompt: bool = False, item_token_position: str = "after",
-                 user_token_position: str = "start"):
+                 user_token_position: str = "start", candidate_order: str = "seeded",
+                 cf_items: np.ndarray | torch.Tensor | None = None):
         if projector is None and (item_vectors is not None or use_user_token):
             raise ValueError("soft tokens need a projector (LLM-Only uses neither user nor item tokens)")
+        if candidate_order not in ("seeded", "cf"):
+            raise ValueError(f"candidate_order must be 'seeded' or 'cf', got {candidate_order!r}")
+        if candidate_order == "cf" and (not use_user_token or cf_items is None):
+            raise ValueError("candidate_order='cf' needs the user token (x_u) and the CF model's item embeddings "
+                             "(cf_items = cf.item_embeddings())")
+        self.candidate_order = candidate_order
+        # the CF model's E (n_items + 1, d): score(x_u, i) = <x_u, E_i> for every registered CF model
+        self.cf_items = None if cf_items is None else torch.as_tensor(cf_items).detach().float().cpu().numpy()
         self.llm, self.tokenizer, self.projector = llm, tokenizer, projector
         self.titles = list(titles)  # index = item id; 0 = padding
         self.item_vectors = None if item_vectors is None else torch.tensor(np.asarray(item_vectors), dtype=torch.float32)
@@ -135,6 +145,27 @@ class LLMRecommender:
             self._target_ids[item] = self.prompts.target_ids(self.titles[item])
         return self._target_ids[item]
 
+    def prompt_order(self, ex: Example) -> np.ndarray:
+        """Indices into `ex.candidates` in the order the prompt shows them. "seeded": as given (callers pass
+        `candidate_order`'s shuffle). "cf": by <x_u, E_i>, best first; a stable sort, so ties keep the given
+        order, and items past the CF model's table (the service's new items) come last, in the given order."""
+        n = len(ex.candidates)
+        if self.candidate_order == "seeded":
+            return np.arange(n)
+        if ex.user_rep is None:
+            raise ValueError("candidate_order='cf' needs each example's user representation")
+        ids = np.asarray([c if isinstance(c, (int, np.integer)) else -1 for c in ex.candidates], dtype=np.int64)
+        known = (ids >= 0) & (ids < len(self.cf_items))
+        s = np.full(n, -np.inf, dtype=np.float64)
+        s[known] = self.cf_items[ids[known]].astype(np.float64) @ np.asarray(ex.user_rep, dtype=np.float64)
+        return np.argsort(-s, kind="stable")
+
+    def shown(self, ex: Example) -> Example:
+        """`ex` with its candidates in prompt order (the same example when the order is "seeded")."""
+        if self.candidate_order == "seeded":
+            return ex
+        return Example(ex.user_rep, ex.history, [ex.candidates[i] for i in self.prompt_order(ex)], ex.target)
+
     def batch(self, examples: Sequence[Example], with_target: bool,
               question: str | None = None, cand_first: bool = False) -> dict[str, torch.Tensor]:
         """Token ids, mask, labels and the CF vectors (user reps, item vectors in placeholder order).
@@ -143,6 +174,7 @@ class LLMRecommender:
         if question is not None and with_target:
             raise ValueError("a question prompt has no target: call batch(..., with_target=False)")
         encs, slots = [], []
+        examples = [self.shown(ex) for ex in examples]
         for ex in examples:
             hist = list(ex.history)[-self.history_len:] if self.history_len else []
             if question is not None:
@@ -189,10 +221,12 @@ class LLMRecommender:
             raise ValueError("rank needs at least one example")
         out = np.full((len(examples), max(len(ex.candidates) for ex in examples)), -np.inf, dtype=np.float32)
         for r, ex in enumerate(examples):
+            order = self.prompt_order(ex)
+            ex = self.shown(ex)
             b = self.batch([ex], with_target=False)
             cands = [self.target_ids(i) for i in ex.candidates]
             s = rank_candidates(self.llm, self.embeds(b), b["attention_mask"], cands, length_norm=length_norm)
-            out[r, : len(cands)] = s.float().cpu().numpy()
+            out[r, order] = s.float().cpu().numpy()  # back to the caller's candidate order
         return out
 
     @torch.no_grad()
@@ -201,10 +235,13 @@ class LLMRecommender:
         decoded alone (as `rank`): greedy choices do not depend on the rest of the batch."""
         out = []
         for ex in examples:
+            order = self.prompt_order(ex)
+            ex = self.shown(ex)
             b = self.batch([ex], with_target=False)
             (text,) = generate_titles(self.llm, self.embeds(b), b["attention_mask"], self.tokenizer, max_new_tokens)
             shown = [self.prompts.shown_title(self.titles[i]) for i in ex.candidates]
-            out.append((text, match_candidate(text, shown)))
+            m = match_candidate(text, shown)
+            out.append((text, None if m is None else int(order[m])))  # the index in the caller's order
         return out
 
     @torch.no_grad()

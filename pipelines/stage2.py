@@ -62,7 +62,9 @@ def train_func(config: dict) -> None:
 
     titles = item_titles_from(collect(ray.train.get_dataset_shard("items")))
     rec = LLMRecommender(engine.module.llm, tok, titles, cfg.data.domain, projector=engine.module.projector,
-                         item_vectors=vectors, use_user_token=s2.use_user_token, **s2.prompt())
+                         item_vectors=vectors, use_user_token=s2.use_user_token, **s2.prompt(),
+                         candidate_order=s2.candidate_order,
+                         cf_items=cf.item_embeddings() if s2.candidate_order == "cf" else None)
     # Ray Data's split may hand the two halves to the ranks either way round, and a block's rows may
     # arrive in any order: sort by user and draw every rank's order from the same seed, so a swap of
     # halves only swaps which rank computes which batch (same averaged gradients, reproducible runs).

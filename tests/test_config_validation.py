@@ -71,6 +71,11 @@ def test_yaml_file_errors_and_cross_field_rules_together(tmp_path):
     for want in ("cf.epochs=0", "unknown config key 'cf.modle'", "serve.min_replicas must be <=",
                  "fewshot must be one of", "score.pool='some'"):
         assert want in text, text
+    with pytest.raises(ConfigError, match="candidate_order=cf .* set stage2.use_user_token=true"):
+        load_config(None, ["stage2.candidate_order=cf", "stage2.use_user_token=false"])
+    assert load_config(None, ["stage2.candidate_order=cf"]).stage2.candidate_order == "cf"
+    with pytest.raises(ConfigError, match="stage2.candidate_order='score'"):
+        load_config(None, ["stage2.candidate_order=score"])
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(None, ["eval.variants=[a"])
 

@@ -78,5 +78,8 @@ def test_a_projector_refuses_a_prompt_layout_it_was_not_trained_on(tmp_path):
     late_user = load_config(None, ["stage2.item_token_position=before", "stage2.user_token_position=after_history"])
     with pytest.raises(ValueError, match="user_token_position=start"):
         load_projector(tmp_path, late_user, 4, 3, 8)
+    cf_order = load_config(None, ["stage2.item_token_position=before", "stage2.candidate_order=cf"])
+    with pytest.raises(ValueError, match="candidate_order=seeded"):
+        load_projector(tmp_path, cf_order, 4, 3, 8)
     (tmp_path / "config.yaml").write_text("seed: 1\n")  # written before the setting existed: the default
     assert load_projector(tmp_path, load_config(None, []), 4, 3, 8) is not None

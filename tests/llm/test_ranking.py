@@ -271,3 +271,61 @@ def test_prompts_longer_than_a_sliding_window_rank_as_the_full_forward(tokenizer
             for j, ids in enumerate(cand_ids[u]):
                 ref = _no_cache_score(llm, embeds[u], mask[u], ids, True)
                 assert abs(scores[u, j].item() - ref) < 1e-4, (u, j, scores[u, j].item(), ref)
+
+
+def _cf_recommender(tok, llm, cf_items):
+    """_recommender's model with candidate_order='cf' over the CF item table `cf_items`."""
+    from allmrec.recommender import LLMRecommender
+    base = _recommender(tok, llm)
+    return LLMRecommender(llm, tok, base.titles, MOVIES, projector=base.projector,
+                          item_vectors=base.item_vectors.numpy(), use_user_token=True, history_len=5,
+                          max_title_tokens=8, candidate_order="cf", cf_items=cf_items)
+
+
+def test_cf_order_shows_the_best_cf_score_first(tiny):
+    """candidate_order='cf': the prompt lists the candidates by <x_u, E_i>, best first; ties keep the given
+    order; ids past the CF table (the service's new items) come last in the given order."""
+    from allmrec.recommender import Example
+    _, llm, tok = tiny
+    E = np.zeros((len(ALL_TITLES) + 1, 2), dtype=np.float32)
+    E[1:, 0] = np.arange(1, len(ALL_TITLES) + 1)  # item i scores i * x_u[0]
+    rec = _cf_recommender(tok, llm, E[:9])  # items 9, 10 unknown to the CF model
+    ex = Example(np.array([1.0, 0.0], dtype=np.float32), [1, 2], [3, 10, 7, 9, 5])
+    assert [ex.candidates[i] for i in rec.prompt_order(ex)] == [7, 5, 3, 10, 9]
+    flipped = Example(np.array([-1.0, 0.0], dtype=np.float32), [1, 2], [3, 10, 7, 9, 5])
+    assert rec.shown(flipped).candidates == [3, 5, 7, 10, 9]
+    tie = Example(np.zeros(2, dtype=np.float32), [1], [4, 2, 6])
+    assert rec.shown(tie).candidates == [4, 2, 6]
+    # the prompt itself lists them in that order: its text is the one of the sorted candidates
+    sorted_ex = Example(ex.user_rep, ex.history, [7, 5, 3, 10, 9])
+    assert torch.equal(rec.batch([ex], with_target=False)["input_ids"],
+                       rec.batch([sorted_ex], with_target=False)["input_ids"])
+
+
+def test_cf_order_scores_come_back_in_the_callers_order(tiny):
+    """rank() and generate() answer in the order the caller gave: any order of the same candidates shows
+    the same (sorted) prompt, so each item keeps its score and a named candidate is the same item."""
+    from allmrec.recommender import Example
+    _, llm, tok = tiny
+    E = np.random.default_rng(3).standard_normal((len(ALL_TITLES) + 1, 8)).astype(np.float32)
+    rec = _cf_recommender(tok, llm, E)
+    ex = _examples(1, seed=4)[0]
+    rev = Example(ex.user_rep, ex.history, ex.candidates[::-1])
+    a, b = rec.rank([ex])[0], rec.rank([rev])[0]
+    assert np.allclose(a, b[::-1], atol=1e-6)
+    assert len(set(np.round(a, 5))) == len(a)  # distinct scores: a mix-up of the order would show
+    (ga, ma), (gb, mb) = rec.generate([ex, rev], max_new_tokens=6)
+    assert ga == gb
+    assert (ma is None and mb is None) or ex.candidates[ma] == rev.candidates[mb]
+
+
+def test_cf_order_needs_the_user_token_and_the_cf_table(tiny):
+    from allmrec.recommender import LLMRecommender
+    _, llm, tok = tiny
+    base = _recommender(tok, llm)
+    with pytest.raises(ValueError, match="cf_items"):
+        LLMRecommender(llm, tok, base.titles, MOVIES, projector=base.projector, item_vectors=None,
+                       use_user_token=True, candidate_order="cf")
+    with pytest.raises(ValueError, match="candidate_order"):
+        LLMRecommender(llm, tok, base.titles, MOVIES, projector=None, item_vectors=None, use_user_token=False,
+                       candidate_order="by-title")

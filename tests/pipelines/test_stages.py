@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -120,6 +121,38 @@ def test_evaluate_writes_a_parseable_report(trained_tiny):
     res = pd.read_parquet(out / "results.parquet")
     assert len(res[res.variant == "allmrec"]) == len(res[res.variant == "sasrec"])
     assert (out / "config.yaml").is_file() and json.loads((out / "manifest.json").read_text())["job"] == "evaluate"
+
+
+def test_candidates_in_the_cf_models_order_train_evaluate_and_stay_tied_to_it(trained_tiny, tmp_path):
+    """stage2.candidate_order=cf through the jobs a user runs: Stage-2 trains on prompts listing the
+    candidates best CF score first, evaluate ranks with the same order and writes the comparison with the
+    CF model, and the projector refuses the paper's seeded order it was not trained on."""
+    from allmrec.artifacts import RunFolder
+    from allmrec.config import config_from_dict
+    from pipelines.evaluate import evaluate
+    from pipelines.stage2 import stage2
+    cfg = config_from_dict(trained_tiny[0].to_dict())
+    run = tmp_path / "cf-order"  # the fixture's data, CF model and Stage-1; its own Stage-2 and report
+    run.mkdir()
+    for part in ("data", "encode", "cf", "stage1"):
+        (run / part).symlink_to(Path(cfg.run_dir) / part)
+    cfg.run_dir, cfg.stage2.candidate_order = str(run), "cf"
+    cfg.stage2.num_workers, cfg.stage2.zero_stage, cfg.stage2.deepspeed_config = 1, 0, "configs/deepspeed/zero0.json"
+    out = stage2(cfg)
+    assert "candidate_order: cf" in (out / "config.yaml").read_text()
+    cfg.eval.max_users, cfg.eval.mode, cfg.eval.batch_size, cfg.eval.max_new_tokens = 6, "both", 3, 4
+    cfg.eval.variants = ["cf", "llm_only", "allmrec"]
+    rep = json.loads((evaluate(cfg) / "report.json").read_text())
+    assert rep["metrics"]["allmrec"]["overall"]["n"] == 6 and "gen_hit@1" in rep["metrics"]["allmrec"]["overall"]
+    assert set(rep["paired"]["hit@1"]) == {"llm_only", "allmrec"}
+    rec, _, _ = RunFolder(cfg).load_recommender("allmrec")
+    assert rec.candidate_order == "cf" and rec.cf_items is not None
+    assert RunFolder(cfg).load_recommender("llm_only")[0].candidate_order == "seeded"  # it sees no CF input
+    with pytest.raises(ValueError, match="cross-domain"):  # the source CF model has no scores for other items
+        RunFolder(cfg).load_recommender("allmrec", item_table=tmp_path / "target-items.parquet")
+    cfg.stage2.candidate_order = "seeded"
+    with pytest.raises(ValueError, match="candidate_order=cf"):
+        RunFolder(cfg).load_recommender("allmrec")
 
 
 def test_an_edited_prompt_template_reruns_stage2_and_evaluate(trained_tiny, monkeypatch):
