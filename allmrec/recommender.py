@@ -43,8 +43,8 @@ def candidate_order(candidates: Sequence[int | str], seed: int, user: int | None
 
     The LLM is trained on shuffled candidates (the paper), so that a candidate's place in the list says
     nothing about it; a model trained with `stage2.candidate_order=cf` re-sorts them by CF score inside
-    `LLMRecommender`, from this same order (its ties keep it). A known `user` gets default_rng([seed, user, 9]): for [target, *negatives] exactly the
-    order every model is evaluated on, and the order the service shows that user. Without a user, an
+    `LLMRecommender`, from this same order (its ties keep it). A known `user` gets
+    default_rng([seed, user, 9]): for [target, *negatives] exactly the order every model is evaluated on, and the order the service shows that user. Without a user, an
     anonymous `history` seeds the order (default_rng([seed, 9, *history])): same request, same answer.
     Candidates are item ids or new-item ids (str); numpy integers come back as int.
     """
@@ -160,21 +160,27 @@ class LLMRecommender:
         s[known] = self.cf_items[ids[known]].astype(np.float64) @ np.asarray(ex.user_rep, dtype=np.float64)
         return np.argsort(-s, kind="stable")
 
-    def shown(self, ex: Example) -> Example:
-        """`ex` with its candidates in prompt order (the same example when the order is "seeded")."""
+    def shown(self, ex: Example, order: np.ndarray | None = None) -> Example:
+        """`ex` with its candidates in prompt order (`order`, else `prompt_order(ex)`; the same example when
+        the order is "seeded")."""
         if self.candidate_order == "seeded":
             return ex
-        return Example(ex.user_rep, ex.history, [ex.candidates[i] for i in self.prompt_order(ex)], ex.target)
+        order = self.prompt_order(ex) if order is None else order
+        return Example(ex.user_rep, ex.history, [ex.candidates[i] for i in order], ex.target)
 
     def batch(self, examples: Sequence[Example], with_target: bool,
               question: str | None = None, cand_first: bool = False) -> dict[str, torch.Tensor]:
         """Token ids, mask, labels and the CF vectors (user reps, item vectors in placeholder order).
         `question`: the user and history part of the prompt, then this question instead of the
         candidates (which, like the target, are then not shown)."""
+        return self._encode([self.shown(ex) for ex in examples], with_target, question, cand_first)
+
+    def _encode(self, examples: Sequence[Example], with_target: bool, question: str | None = None,
+                cand_first: bool = False) -> dict[str, torch.Tensor]:
+        """`batch` for examples whose candidates are already in prompt order."""
         if question is not None and with_target:
             raise ValueError("a question prompt has no target: call batch(..., with_target=False)")
         encs, slots = [], []
-        examples = [self.shown(ex) for ex in examples]
         for ex in examples:
             hist = list(ex.history)[-self.history_len:] if self.history_len else []
             if question is not None:
@@ -222,8 +228,8 @@ class LLMRecommender:
         out = np.full((len(examples), max(len(ex.candidates) for ex in examples)), -np.inf, dtype=np.float32)
         for r, ex in enumerate(examples):
             order = self.prompt_order(ex)
-            ex = self.shown(ex)
-            b = self.batch([ex], with_target=False)
+            ex = self.shown(ex, order)
+            b = self._encode([ex], with_target=False)
             cands = [self.target_ids(i) for i in ex.candidates]
             s = rank_candidates(self.llm, self.embeds(b), b["attention_mask"], cands, length_norm=length_norm)
             out[r, order] = s.float().cpu().numpy()  # back to the caller's candidate order
@@ -236,8 +242,8 @@ class LLMRecommender:
         out = []
         for ex in examples:
             order = self.prompt_order(ex)
-            ex = self.shown(ex)
-            b = self.batch([ex], with_target=False)
+            ex = self.shown(ex, order)
+            b = self._encode([ex], with_target=False)
             (text,) = generate_titles(self.llm, self.embeds(b), b["attention_mask"], self.tokenizer, max_new_tokens)
             shown = [self.prompts.shown_title(self.titles[i]) for i in ex.candidates]
             m = match_candidate(text, shown)
