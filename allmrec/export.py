@@ -220,7 +220,7 @@ def _model_config(cfg: Config, src: RunFolder, prep, variant: str, root: Path) -
         "allmrec_version": allmrec.__version__, "variant": variant, "item_tokens": item_tokens,
         "use_user_token": user, "llm": cfg.stage2.llm, "llm_dtype": cfg.stage2.llm_dtype,
         "cf_model": cf_meta["name"], "cf_config": cf_meta["cfg"], "n_items": prep.n_items, "n_users": prep.n_users,
-        "prompt": cfg.stage2.prompt(), "domain": {"verb": cfg.data.domain.verb, "noun": cfg.data.domain.noun,
+        "prompt": {**cfg.stage2.prompt(), "candidate_order": cfg.stage2.candidate_order}, "domain": {"verb": cfg.data.domain.verb, "noun": cfg.data.domain.noun,
                                                    "plural": cfg.data.domain.plural},
         "seed": cfg.seed, "dataset": {"name": cfg.name, "format": cfg.data.format, "path": cfg.data.path},
         "projector_shapes": dims, "exported_from": str(src.root), "files": files,

@@ -151,6 +151,7 @@ def test_export_folder_is_hugging_face_style(tiny):
     meta = json.loads((out / "config.json").read_text())
     assert meta["model_type"] == "allmrec" and meta["variant"] == "allmrec" and meta["cf_model"] == "sasrec"
     assert meta["n_items"] == N_ITEMS and meta["prompt"]["history_len"] == 5
+    assert meta["prompt"]["candidate_order"] == "seeded"  # how the candidates are listed is part of the prompt
     for f in ("cf/sasrec/model.safetensors", "cf/sasrec/config.json", "stage1/export.safetensors", "stage1/joint_emb.parquet",
               "stage2/projector.safetensors", "data/items.parquet", "tallrec/adapter_config.json",
               "tallrec/adapter_model.safetensors", "README.md", "config.yaml"):
