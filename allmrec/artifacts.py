@@ -341,7 +341,8 @@ class RunFolder:
         from allmrec.recommender import LLMRecommender
 
         item_tokens, user = self._variant(variant)
-        if user and self.cfg.stage2.candidate_order == "cf" and item_table is not None:
+        order = self.cfg.stage2.order_for(user)
+        if order == "cf" and item_table is not None:
             raise ValueError("stage2.candidate_order=cf sorts candidates by the source CF model's scores, which "
                              "it has only for its own catalogue: a cross-domain evaluation cannot use it")
         cfg = copy.deepcopy(self.cfg)
@@ -364,7 +365,6 @@ class RunFolder:
                 raise MissingArtifact(f"{models.lora_path} not found: run `{models.command('tallrec')}` first")
             # not merged: the fp32 adapters stay exact on a bf16 LLM (merging would round them to bf16)
             llm = load_lora(llm, models.lora_path, cfg.tallrec).to(device)
-        order = cfg.stage2.candidate_order if user else "seeded"  # baselines without x_u see no CF order
         rec = LLMRecommender(llm, tok, item_titles(prep), cfg.data.domain, projector=projector, item_vectors=vectors,
                              use_user_token=cfg.stage2.use_user_token, **cfg.stage2.prompt(), candidate_order=order,
                              cf_items=cf.item_embeddings() if order == "cf" else None)

@@ -269,6 +269,11 @@ class Stage2Config:
     # what the prompt builder takes (candidate_order is LLMRecommender's own argument: it needs the CF model)
     PROMPT_KEYS = ("history_len", "max_title_tokens", "chat_prompt", "item_token_position", "user_token_position")
 
+    def order_for(self, use_user_token: bool) -> str:
+        """The candidate order a variant is shown: `candidate_order` with the user token; the seeded order
+        without one (LLM-Only and TALLRec have no x_u to sort by and see no CF input)."""
+        return self.candidate_order if use_user_token else "seeded"
+
     def prompt(self) -> dict:
         """LLMRecommender's prompt keyword arguments."""
         return {k: getattr(self, k) for k in self.PROMPT_KEYS}

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from allmrec.config import CANDIDATE_ORDERS
 from allmrec.data.sampling import STREAM_CANDIDATE_ORDER
 from allmrec.llm.prompt import PromptBuilder
 from allmrec.llm.ranking import generate_titles, match_candidate, rank_candidates
@@ -118,8 +119,8 @@ class LLMRecommender:
                  cf_items: np.ndarray | torch.Tensor | None = None):
         if projector is None and (item_vectors is not None or use_user_token):
             raise ValueError("soft tokens need a projector (LLM-Only uses neither user nor item tokens)")
-        if candidate_order not in ("seeded", "cf"):
-            raise ValueError(f"candidate_order must be 'seeded' or 'cf', got {candidate_order!r}")
+        if candidate_order not in CANDIDATE_ORDERS:
+            raise ValueError(f"candidate_order must be one of {CANDIDATE_ORDERS}, got {candidate_order!r}")
         if candidate_order == "cf" and (not use_user_token or cf_items is None):
             raise ValueError("candidate_order='cf' needs the user token (x_u) and the CF model's item embeddings "
                              "(cf_items = cf.item_embeddings())")
@@ -154,8 +155,8 @@ class LLMRecommender:
             return np.arange(n)
         if ex.user_rep is None:
             raise ValueError("candidate_order='cf' needs each example's user representation")
-        ids = np.asarray([c if isinstance(c, (int, np.integer)) else -1 for c in ex.candidates], dtype=np.int64)
-        known = (ids >= 0) & (ids < len(self.cf_items))
+        ids = np.asarray(ex.candidates, dtype=np.int64)
+        known = ids < len(self.cf_items)
         s = np.full(n, -np.inf, dtype=np.float64)
         s[known] = self.cf_items[ids[known]].astype(np.float64) @ np.asarray(ex.user_rep, dtype=np.float64)
         return np.argsort(-s, kind="stable")

@@ -127,8 +127,8 @@ def variant_inputs(cfg: Config, variant: str, src: Path | None = None) -> dict:
     s2 = cfg.stage2
     out: dict = {"llm": model_identity(s2.llm, "llm"), "llm_dtype": s2.llm_dtype, "prompt_settings": s2.prompt(),
                  "prompt": prompt_digest(cfg, item_tokens, user), "domain": cfg.to_dict()["data"]["domain"]}
-    if user and s2.candidate_order != "seeded":  # left out at the paper's order: earlier reports stay current
-        out["candidate_order"] = s2.candidate_order
+    if s2.order_for(user) != "seeded":  # left out at the paper's order: earlier reports stay current
+        out["candidate_order"] = s2.order_for(user)
     if variant == "tallrec":
         out["tallrec"] = artifact_id(models.lora_path, models.command("tallrec"))
     elif variant != "llm_only":
