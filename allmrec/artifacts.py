@@ -363,6 +363,12 @@ class RunFolder:
             from allmrec.llm.lora import load_lora
             if not models.lora_path.exists():
                 raise MissingArtifact(f"{models.lora_path} not found: run `{models.command('tallrec')}` first")
+            trained = (read_manifest(models.tallrec) or {}).get("candidate_order", "seeded")
+            if trained != order:  # adapters trained on one order, scored on another: silently worse
+                raise ValueError(f"the TALLRec adapters in {models.tallrec} were trained on the {trained} candidate "
+                                 f"order, not the {order} one: set stage2.order_baselines="
+                                 f"{str(trained == 'cf').lower()} or retrain `allmrec tallrec`")
+            models.check_cf(models.tallrec, "tallrec")  # the CF weights that sorted its candidates
             # not merged: the fp32 adapters stay exact on a bf16 LLM (merging would round them to bf16)
             llm = load_lora(llm, models.lora_path, cfg.tallrec).to(device)
         rec = LLMRecommender(llm, tok, item_titles(prep), cfg.data.domain, projector=projector, item_vectors=vectors,
@@ -445,6 +451,10 @@ def _check_prompt(directory: Path, cfg: Config) -> None:
     trained = (yaml.safe_load(saved.read_text()) or {}).get("stage2", {})
     for key in Stage2Config.LAYOUT_KEYS:
         was, now = trained.get(key, getattr(Stage2Config, key)), getattr(cfg.stage2, key)
+        if key == "candidate_order":  # the order this variant is shown (order_baselines: without a user token)
+            user = cfg.stage2.use_user_token  # the variant's, as in its saved config
+            was = was if user or trained.get("order_baselines", False) else "seeded"
+            now = cfg.stage2.order_for(user)
         if was != now:
             raise ValueError(f"the projector in {directory} was trained with stage2.{key}={was}, "
                              f"not {now}: set stage2.{key}={was}")

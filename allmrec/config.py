@@ -231,8 +231,13 @@ class Stage2Config:
     # the LLM re-ranks the CF model's ranking, which it sees as the list's order; ties and items the CF
     # model does not know keep the seeded order, after the known ones). Needs the user token (x_u); the
     # LLM-Only and TALLRec baselines, which see no CF input, keep the seeded order (docs/results.md,
-    # "Candidates in the CF model's order")
+    # "Candidates in the CF model's order") unless `order_baselines`
     candidate_order: str = F("seeded", choices=CANDIDATE_ORDERS)
+    # with candidate_order=cf, list the candidates of the variants without the user token (LLM-Only, TALLRec,
+    # allmrec_no_user) in the CF order too: x_u sorts their list but is never fed to the LLM. An ablation (the
+    # order alone, without the soft tokens); the baselines then see the CF model's ranking, so they are no
+    # longer CF-free
+    order_baselines: bool = False
     max_users: int | None = F(None, ge=1)
     num_workers: int = F(1, ge=1)
     use_gpu: bool = False
@@ -270,9 +275,9 @@ class Stage2Config:
     PROMPT_KEYS = ("history_len", "max_title_tokens", "chat_prompt", "item_token_position", "user_token_position")
 
     def order_for(self, use_user_token: bool) -> str:
-        """The candidate order a variant is shown: `candidate_order` with the user token; the seeded order
-        without one (LLM-Only and TALLRec have no x_u to sort by and see no CF input)."""
-        return self.candidate_order if use_user_token else "seeded"
+        """The candidate order a variant is shown: `candidate_order` with the user token; without one the
+        seeded order (LLM-Only and TALLRec see no CF input), or the CF order too with `order_baselines`."""
+        return self.candidate_order if use_user_token or self.order_baselines else "seeded"
 
     def prompt(self) -> dict:
         """LLMRecommender's prompt keyword arguments."""
@@ -391,9 +396,12 @@ class Config:
               "stage1: every loss term is off (use_matching, use_rec, use_recon with alpha/beta): nothing to train")
         check(self.serve.min_replicas <= self.serve.max_replicas, "serve.min_replicas must be <= serve.max_replicas")
         check(len(self.eval.variants) > 0, "eval.variants must name at least one variant")
-        check(self.stage2.candidate_order == "seeded" or self.stage2.use_user_token,
+        check(self.stage2.candidate_order == "seeded" or self.stage2.use_user_token or self.stage2.order_baselines,
               "stage2.candidate_order=cf orders the candidates by the CF model's <x_u, E_i>, which needs the user "
-              "representation: set stage2.use_user_token=true")
+              "representation: set stage2.use_user_token=true (or stage2.order_baselines=true to sort a variant "
+              "without the user token by it)")
+        check(not self.stage2.order_baselines or self.stage2.candidate_order == "cf",
+              "stage2.order_baselines=true shows the baselines the CF order: it needs stage2.candidate_order=cf")
         check(not (self.stage2.compile == "always" and self.stage2.zero_stage == 3),
               "stage2.compile=always cannot be used with stage2.zero_stage=3 (partitioned weights); use auto or never")
         return errors

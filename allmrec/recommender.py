@@ -32,7 +32,7 @@ ITEM_TOKEN_VARIANTS = ("joint", "sbert", "random", "none", "mlp")
 
 @dataclass
 class Example:
-    user_rep: np.ndarray | None          # x_u (d,) from the CF model; None without a user token
+    user_rep: np.ndarray | None          # x_u (d,) from the CF model; None without a user token or the CF order
     history: Sequence[int]               # item ids, oldest first (the prompt shows the last history_len)
     candidates: Sequence[int]            # item ids in prompt order
     target: int | None = None            # item id (training / evaluation)
@@ -121,9 +121,9 @@ class LLMRecommender:
             raise ValueError("soft tokens need a projector (LLM-Only uses neither user nor item tokens)")
         if candidate_order not in CANDIDATE_ORDERS:
             raise ValueError(f"candidate_order must be one of {CANDIDATE_ORDERS}, got {candidate_order!r}")
-        if candidate_order == "cf" and (not use_user_token or cf_items is None):
-            raise ValueError("candidate_order='cf' needs the user token (x_u) and the CF model's item embeddings "
-                             "(cf_items = cf.item_embeddings())")
+        if candidate_order == "cf" and cf_items is None:
+            # x_u comes with each example (Example.user_rep), fed to the LLM only with use_user_token
+            raise ValueError("candidate_order='cf' needs the CF model's item embeddings (cf_items = cf.item_embeddings())")
         self.candidate_order = candidate_order
         # the CF model's E (n_items + 1, d): score(x_u, i) = <x_u, E_i> for every registered CF model
         self.cf_items = None if cf_items is None else torch.as_tensor(cf_items).detach().float().cpu().numpy()

@@ -81,7 +81,7 @@ class LLMScorer:
         reps = None
         if self.rec.use_user_token and self.cross:
             reps = user_reps(self.cf, [np.zeros(0, dtype=np.int64)] * len(batch), None)
-        elif self.rec.use_user_token:
+        elif self.rec.use_user_token or self.rec.candidate_order == "cf":  # fed to the LLM, or sorts the list
             reps = np.zeros((len(batch), self.cf.hidden), dtype=np.float32)
             for mask, users in ((known, batch["user"].to_numpy()), (~known, None)):
                 if mask.any():
@@ -339,6 +339,8 @@ def settings_block(cfg: Config) -> list[str]:
             f"`{s2.item_tokens}`",
             f"- Prompt layout: {layout}, history_len={s2.history_len}, max_title_tokens={s2.max_title_tokens}, "
             f"use_user_token={s2.use_user_token}",
+            *(["- The CF order for LLM-Only and TALLRec too (stage2.order_baselines: they see the CF model's "
+               "ranking)"] if s2.order_baselines else []),
             *([f"- Few-shot: {cfg.fewshot} training users"] if cfg.fewshot else []),
             ""]
 

@@ -129,6 +129,7 @@ def variant_inputs(cfg: Config, variant: str, src: Path | None = None) -> dict:
                  "prompt": prompt_digest(cfg, item_tokens, user), "domain": cfg.to_dict()["data"]["domain"]}
     if s2.order_for(user) != "seeded":  # left out at the paper's order: earlier reports stay current
         out["candidate_order"] = s2.order_for(user)
+        out["cf_weights"] = models.cf_identity()  # the CF model sorts the list (LLM-Only and TALLRec too)
     if variant == "tallrec":
         out["tallrec"] = artifact_id(models.lora_path, models.command("tallrec"))
     elif variant != "llm_only":

@@ -61,15 +61,16 @@ def train_func(config: dict) -> None:
     dist.all_gather_object(all_counts, counts)
 
     titles = item_titles_from(collect(ray.train.get_dataset_shard("items")))
+    order = s2.order_for(s2.use_user_token)
     rec = LLMRecommender(engine.module.llm, tok, titles, cfg.data.domain, projector=engine.module.projector,
                          item_vectors=vectors, use_user_token=s2.use_user_token, **s2.prompt(),
-                         candidate_order=s2.candidate_order,
-                         cf_items=cf.item_embeddings() if s2.candidate_order == "cf" else None)
+                         candidate_order=order, cf_items=cf.item_embeddings() if order == "cf" else None)
     # Ray Data's split may hand the two halves to the ranks either way round, and a block's rows may
     # arrive in any order: sort by user and draw every rank's order from the same seed, so a swap of
     # halves only swaps which rank computes which batch (same averaged gradients, reproducible runs).
     train = collect_sorted(ray.train.get_dataset_shard("train"))
-    reps = user_reps(cf, list(train["hist"]), train["user"], device) if s2.use_user_token else None
+    # x_u: fed to the LLM (the user token) and/or sorting the candidates (candidate_order=cf)
+    reps = user_reps(cf, list(train["hist"]), train["user"], device) if s2.use_user_token or order == "cf" else None
 
     next_title_epochs(engine, rec, train, reps, cfg, name="stage2", epochs=s2.epochs, batch_size=s2.batch_size,
                       export_prefix="projector.", weights_file=PROJECTOR, all_counts=all_counts,
@@ -82,6 +83,9 @@ def _fingerprinted(cfg: Config) -> dict:
     left out at their default, so projectors trained before they existed stay up to date."""
     s2 = cfg.to_dict()["stage2"] | {"num_workers": None, "use_gpu": None}
     s2.pop("compile", None)  # how fast, not what is trained
+    # the order this variant is trained on (order_baselines matters only without the user token)
+    s2["candidate_order"] = cfg.stage2.order_for(cfg.stage2.use_user_token)
+    s2.pop("order_baselines", None)
     for key in ("choice_weight", "candidate_softmax", "examples_per_user", "seed", "bucket_window",
                 *Stage2Config.LAYOUT_KEYS):
         if s2[key] == getattr(Stage2Config, key):

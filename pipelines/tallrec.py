@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from allmrec.artifacts import LORA, RunFolder
+from allmrec.artifacts import LORA, RunFolder, cf_from_files, files_sha256, user_reps
 from allmrec.config import Config, config_from_dict
 from allmrec.data.load import Prepared
 from allmrec.io import fingerprint, read_manifest
@@ -69,12 +69,17 @@ def train_func(config: dict) -> None:
     dist.all_gather_object(all_counts, counts)
 
     titles = item_titles_from(collect(ray.train.get_dataset_shard("items")))
-    # The LLM-Only prompt: no projector, no item vectors, no user token.
+    # The LLM-Only prompt: no projector, no item vectors, no user token. With stage2.order_baselines the CF
+    # model sorts the candidates (x_u orders the list, the LLM never sees it).
+    order = s2.order_for(False)
+    cf = cf_from_files(config["cf_files"]) if order == "cf" else None
     rec = LLMRecommender(engine.module.llm, tok, titles, cfg.data.domain, projector=None, item_vectors=None,
-                         use_user_token=False, **s2.prompt())
+                         use_user_token=False, **s2.prompt(), candidate_order=order,
+                         cf_items=None if cf is None else cf.item_embeddings())
     # sorted by user, every rank's order from one seed: as Stage-2, so both see the same batches
     train = collect_sorted(ray.train.get_dataset_shard("train"))
-    next_title_epochs(engine, rec, train, None, cfg, name="tallrec", epochs=epochs, batch_size=t.batch_size,
+    reps = None if cf is None else user_reps(cf, list(train["hist"]), train["user"])
+    next_title_epochs(engine, rec, train, reps, cfg, name="tallrec", epochs=epochs, batch_size=t.batch_size,
                       export_prefix="llm.", weights_file=LORA, all_counts=all_counts,
                       fail_at_epoch=config.get("fail_at_epoch"), st_metadata={"format": "allmrec-lora"},
                       extra_metrics={"lora_params": int(n_lora)}, track=config.get("tracking"))
@@ -88,6 +93,9 @@ def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
     m = rf.require(data_dir, "allmrec prepare")
     epochs, max_users = budget(cfg)
     out_dir = rf.tallrec
+    order = s2.order_for(False)
+    # the CF order (stage2.order_baselines): the adapters depend on the CF weights that sort the candidates
+    cf_files = rf.cf_files() if order == "cf" else None
     # What the adapters depend on: the data, the seed, TALLRec's settings, and the LLM + prompt from stage2.
     fp = fingerprint({"data": m["fingerprint"], "seed": cfg.train_seed(), "epochs": epochs, "max_users": max_users,
                       "tallrec": cfg.to_dict()["tallrec"] | {"num_workers": None, "use_gpu": None},
@@ -96,6 +104,7 @@ def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
                       "llm_identity": model_identity(s2.llm, "llm"),
                       "prompt": prompt_digest(cfg, "none", False),  # the LLM-Only prompt's text
                       **({"chat_prompt": True} if s2.chat_prompt else {}),
+                      **({"candidate_order": order, "cf_weights": files_sha256(cf_files)} if cf_files else {}),
                       **({"fewshot": cfg.fewshot} if cfg.fewshot else {})})
     if up_to_date("tallrec", out_dir, fp, force):
         return out_dir
@@ -108,7 +117,7 @@ def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
     train_ds, items_ds = next_title_datasets(ray, cfg, prep, data_dir, max_users)
     trainer = make_trainer(
         cfg, f"tallrec-{fp}", train_func,
-        {"cfg": cfg.to_dict(), "fail_at_epoch": fail_at_epoch, "ds_overrides": ds_overrides},
+        {"cfg": cfg.to_dict(), "fail_at_epoch": fail_at_epoch, "ds_overrides": ds_overrides, "cf_files": cf_files},
         {"train": train_ds, "items": items_ds},
         num_workers=t.num_workers, use_gpu=t.use_gpu, max_failures=cfg.cf.max_failures, force=force)
     result = trainer.fit()
@@ -117,7 +126,8 @@ def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
         "fingerprint": fp, "job": "tallrec", "llm": s2.llm, "zero_stage": t.zero_stage, "workers": t.num_workers,
         "lora": {"r": t.lora_r, "alpha": t.lora_alpha, "dropout": t.lora_dropout,
                  "target_modules": t.target_modules or "auto"},
-        "epochs": epochs, "max_users": max_users})
+        "epochs": epochs, "max_users": max_users, "candidate_order": order,
+        **({"cf_weights": {"model": cfg.cf.model, "sha256": files_sha256(cf_files)}} if cf_files else {})})
     return out_dir
 
 

@@ -74,6 +74,14 @@ def test_yaml_file_errors_and_cross_field_rules_together(tmp_path):
     with pytest.raises(ConfigError, match="candidate_order=cf .* set stage2.use_user_token=true"):
         load_config(None, ["stage2.candidate_order=cf", "stage2.use_user_token=false"])
     assert load_config(None, ["stage2.candidate_order=cf"]).stage2.candidate_order == "cf"
+    # the baselines in the CF order: an ablation switch that needs the CF order, and lets a variant without
+    # the user token be trained on it
+    s2 = load_config(None, ["stage2.candidate_order=cf", "stage2.order_baselines=true",
+                            "stage2.use_user_token=false"]).stage2
+    assert s2.order_for(False) == s2.order_for(True) == "cf"
+    assert load_config(None, ["stage2.candidate_order=cf"]).stage2.order_for(False) == "seeded"
+    with pytest.raises(ConfigError, match="order_baselines=true .* needs stage2.candidate_order=cf"):
+        load_config(None, ["stage2.order_baselines=true"])
     with pytest.raises(ConfigError, match="stage2.candidate_order='score'"):
         load_config(None, ["stage2.candidate_order=score"])
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -319,7 +319,7 @@ def test_cf_order_scores_come_back_in_the_callers_order(tiny):
     assert (ma is None and mb is None) or ex.candidates[ma] == rev.candidates[mb]
 
 
-def test_cf_order_needs_the_user_token_and_the_cf_table(tiny):
+def test_cf_order_needs_the_cf_table(tiny):
     from allmrec.recommender import LLMRecommender
     _, llm, tok = tiny
     base = _recommender(tok, llm)
@@ -329,3 +329,25 @@ def test_cf_order_needs_the_user_token_and_the_cf_table(tiny):
     with pytest.raises(ValueError, match="candidate_order"):
         LLMRecommender(llm, tok, base.titles, MOVIES, projector=None, item_vectors=None, use_user_token=False,
                        candidate_order="by-title")
+
+
+def test_cf_order_without_the_user_token_sorts_by_x_u_but_never_feeds_it(tiny):
+    """The LLM-Only prompt in the CF order (stage2.order_baselines): x_u sorts the list and stays out of the
+    LLM's input; an example without x_u cannot be sorted."""
+    from allmrec.recommender import Example, LLMRecommender
+    _, llm, tok = tiny
+    E = np.zeros((len(ALL_TITLES) + 1, 2), dtype=np.float32)
+    E[1:, 0] = np.arange(1, len(ALL_TITLES) + 1)
+    rec = LLMRecommender(llm, tok, _recommender(tok, llm).titles, MOVIES, projector=None, item_vectors=None,
+                         use_user_token=False, history_len=5, max_title_tokens=8, candidate_order="cf", cf_items=E)
+    ex = Example(np.array([1.0, 0.0], dtype=np.float32), [1, 2], [3, 8, 5])
+    assert rec.shown(ex).candidates == [8, 5, 3]
+    b = rec.batch([ex], with_target=False)
+    assert "user_reps" not in b and "item_embs" not in b
+    seeded = LLMRecommender(llm, tok, rec.titles, MOVIES, projector=None, item_vectors=None, use_user_token=False,
+                            history_len=5, max_title_tokens=8)
+    same = Example(None, [1, 2], [8, 5, 3])
+    assert torch.equal(b["input_ids"], seeded.batch([same], with_target=False)["input_ids"])  # the same text
+    assert np.allclose(rec.rank([ex])[0], seeded.rank([same])[0][[2, 0, 1]], atol=1e-5)  # caller's order back
+    with pytest.raises(ValueError, match="user representation"):
+        rec.rank([same])

@@ -150,6 +150,15 @@ def test_candidates_in_the_cf_models_order_train_evaluate_and_stay_tied_to_it(tr
     assert RunFolder(cfg).load_recommender("llm_only")[0].candidate_order == "seeded"  # it sees no CF input
     with pytest.raises(ValueError, match="cross-domain"):  # the source CF model has no scores for other items
         RunFolder(cfg).load_recommender("allmrec", item_table=tmp_path / "target-items.parquet")
+    # the ablation switch: LLM-Only in the CF order too; the A-LLMRec projector's order is unchanged by it
+    cfg.stage2.order_baselines = True
+    assert RunFolder(cfg).load_recommender("llm_only")[0].candidate_order == "cf"
+    assert RunFolder(cfg).load_recommender("allmrec")[0].candidate_order == "cf"
+    cfg.eval.variants, cfg.eval.mode = ["llm_only"], "rank"
+    out = evaluate(cfg)
+    assert json.loads((out / "report.json").read_text())["metrics"]["llm_only"]["overall"]["n"] == 6
+    assert "for LLM-Only and TALLRec too" in (out / "report.md").read_text()
+    cfg.stage2.order_baselines = False
     cfg.stage2.candidate_order = "seeded"
     with pytest.raises(ValueError, match="candidate_order=cf"):
         RunFolder(cfg).load_recommender("allmrec")

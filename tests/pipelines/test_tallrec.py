@@ -99,6 +99,31 @@ def test_load_recommender_tallrec_ranks_with_the_adapters(tallrec_run):
     assert not np.allclose(s, s0, atol=1e-4)  # the fine-tuned LLM scores differently from LLM-Only
 
 
+def test_tallrec_in_the_cf_order_is_tied_to_it(tallrec_run, tmp_path):
+    """stage2.order_baselines: TALLRec trains on the LLM-Only prompt with the candidates in the CF model's
+    order (x_u sorts them, the LLM never sees it), records the order and the CF weights, and its adapters
+    are refused for the seeded order."""
+    from allmrec.artifacts import RunFolder
+    from allmrec.config import config_from_dict
+    from pipelines.tallrec import tallrec
+    cfg = config_from_dict(tallrec_run[0].to_dict())
+    run = tmp_path / "cf-order"  # the fixture's data and CF model; its own adapters
+    run.mkdir()
+    for part in ("data", "cf"):
+        (run / part).symlink_to(Path(cfg.run_dir) / part)
+    cfg.run_dir, cfg.stage2.candidate_order, cfg.stage2.order_baselines = str(run), "cf", True
+    cfg.tallrec.num_workers, cfg.tallrec.zero_stage, cfg.tallrec.epochs = 1, 0, 1
+    cfg.tallrec.deepspeed_config = "configs/deepspeed/zero0.json"
+    out = tallrec(cfg)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["candidate_order"] == "cf" and m["cf_weights"]["sha256"] == RunFolder(cfg).cf_checksum()
+    rec = RunFolder(cfg).load_recommender("tallrec")[0]
+    assert rec.candidate_order == "cf" and not rec.use_user_token
+    cfg.stage2.order_baselines = False
+    with pytest.raises(ValueError, match="trained on the cf candidate order"):
+        RunFolder(cfg).load_recommender("tallrec")
+
+
 def test_evaluate_scores_the_tallrec_variant(tallrec_run):
     from allmrec.config import config_from_dict
     from pipelines.evaluate import evaluate
