@@ -451,13 +451,15 @@ def _check_prompt(directory: Path, cfg: Config) -> None:
     trained = (yaml.safe_load(saved.read_text()) or {}).get("stage2", {})
     for key in Stage2Config.LAYOUT_KEYS:
         was, now = trained.get(key, getattr(Stage2Config, key)), getattr(cfg.stage2, key)
-        if key == "candidate_order":  # the order this variant is shown (order_baselines: without a user token)
-            user = cfg.stage2.use_user_token  # the variant's, as in its saved config
-            was = was if user or trained.get("order_baselines", False) else "seeded"
-            now = cfg.stage2.order_for(user)
+        fix = f"stage2.{key}={was}"
+        if key == "candidate_order" and not cfg.stage2.use_user_token:
+            # a variant without the user token (its saved config's) sees the CF order only with order_baselines
+            was = was if trained.get("order_baselines", False) else "seeded"
+            now = cfg.stage2.order_for(False)
+            fix = f"stage2.order_baselines={str(was == 'cf').lower()}"
         if was != now:
             raise ValueError(f"the projector in {directory} was trained with stage2.{key}={was}, "
-                             f"not {now}: set stage2.{key}={was}")
+                             f"not {now}: set {fix}")
 
 
 # ---------------------------------------------------------------------- older entry points (thin wrappers)

@@ -83,3 +83,16 @@ def test_a_projector_refuses_a_prompt_layout_it_was_not_trained_on(tmp_path):
         load_projector(tmp_path, cf_order, 4, 3, 8)
     (tmp_path / "config.yaml").write_text("seed: 1\n")  # written before the setting existed: the default
     assert load_projector(tmp_path, load_config(None, []), 4, 3, 8) is not None
+    # a variant without the user token (allmrec_no_user) is in the CF order only with order_baselines
+    no_user = tmp_path / "no_user"
+    no_user.mkdir()
+    save_file(build_projector("joint", False, 4, 3, 8).state_dict(), no_user / PROJECTOR)
+    in_cf = load_config(None, ["stage2.use_user_token=false", "stage2.candidate_order=cf", "stage2.order_baselines=true"])
+    seeded = load_config(None, ["stage2.use_user_token=false"])
+    in_cf.dump(no_user / "config.yaml")  # trained in the CF order
+    assert load_projector(no_user, in_cf, 4, 3, 8) is not None
+    with pytest.raises(ValueError, match="candidate_order=cf, not seeded: set stage2.order_baselines=true"):
+        load_projector(no_user, seeded, 4, 3, 8)
+    seeded.dump(no_user / "config.yaml")
+    with pytest.raises(ValueError, match="candidate_order=seeded, not cf: set stage2.order_baselines=false"):
+        load_projector(no_user, in_cf, 4, 3, 8)
