@@ -2,7 +2,7 @@
 
 TALLRec = the LLM-Only prompt (no soft tokens, no CF model) with the LLM itself fine-tuned by LoRA on
 Stage-2's next-title loss and Stage-2's training examples (`pipelines.rows.next_title_examples`, the same
-seeded users, negatives and candidate shuffles). Everything else is Stage-2's machinery: the LLM loaded
+seeded users, `stage2.examples_per_user`, negatives and candidate shuffles). Everything else is Stage-2's machinery: the LLM loaded
 into ZeRO-3 partitions, the shared DeepSpeed engine (`Stage2Module` with no projector: `stage2_loss` on
 the LLM-Only prompt), checkpoints of the trainable state only, resume after a worker failure.
 
@@ -105,6 +105,8 @@ def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
                       "prompt": prompt_digest(cfg, "none", False),  # the LLM-Only prompt's text
                       **({"chat_prompt": True} if s2.chat_prompt else {}),
                       **({"candidate_order": order, "cf_weights": files_sha256(cf_files)} if cf_files else {}),
+                      # left out at the paper's 1 example per user: adapters trained before stay up to date
+                      **({"examples_per_user": s2.examples_per_user} if s2.examples_per_user != 1 else {}),
                       **({"fewshot": cfg.fewshot} if cfg.fewshot else {})})
     if up_to_date("tallrec", out_dir, fp, force):
         return out_dir
@@ -113,8 +115,8 @@ def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
     resolve_llm_source(s2.llm)  # convert/cache the packaged model once, before the workers start
     t0 = time.perf_counter()
     prep = Prepared(data_dir)
-    # the same seeded users and examples as Stage-2 with the same max_users
-    train_ds, items_ds = next_title_datasets(ray, cfg, prep, data_dir, max_users)
+    # the same seeded users and examples as Stage-2 with the same max_users (and examples_per_user)
+    train_ds, items_ds = next_title_datasets(ray, cfg, prep, data_dir, max_users, s2.examples_per_user)
     trainer = make_trainer(
         cfg, f"tallrec-{fp}", train_func,
         {"cfg": cfg.to_dict(), "fail_at_epoch": fail_at_epoch, "ds_overrides": ds_overrides, "cf_files": cf_files},
@@ -126,7 +128,7 @@ def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
         "fingerprint": fp, "job": "tallrec", "llm": s2.llm, "zero_stage": t.zero_stage, "workers": t.num_workers,
         "lora": {"r": t.lora_r, "alpha": t.lora_alpha, "dropout": t.lora_dropout,
                  "target_modules": t.target_modules or "auto"},
-        "epochs": epochs, "max_users": max_users, "candidate_order": order,
+        "epochs": epochs, "max_users": max_users, "examples_per_user": s2.examples_per_user, "candidate_order": order,
         **({"cf_weights": {"model": cfg.cf.model, "sha256": files_sha256(cf_files)}} if cf_files else {})})
     return out_dir
 

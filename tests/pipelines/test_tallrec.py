@@ -114,9 +114,12 @@ def test_tallrec_in_the_cf_order_is_tied_to_it(tallrec_run, tmp_path):
     cfg.run_dir, cfg.stage2.candidate_order, cfg.stage2.order_baselines = str(run), "cf", True
     cfg.tallrec.num_workers, cfg.tallrec.zero_stage, cfg.tallrec.epochs = 1, 0, 1
     cfg.tallrec.deepspeed_config = "configs/deepspeed/zero0.json"
+    cfg.stage2.examples_per_user = 2  # Stage-2's examples: TALLRec trains on the same ones
     out = tallrec(cfg)
     m = json.loads((out / "manifest.json").read_text())
     assert m["candidate_order"] == "cf" and m["cf_weights"]["sha256"] == RunFolder(cfg).cf_checksum()
+    # one worker, batches of 4: one example for each of the 24 users would be at most 6 steps
+    assert m["examples_per_user"] == 2 and m["final"]["steps"] > 24 // cfg.tallrec.batch_size, m
     rec = RunFolder(cfg).load_recommender("tallrec")[0]
     assert rec.candidate_order == "cf" and not rec.use_user_token
     cfg.stage2.order_baselines = False
