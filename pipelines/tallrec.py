@@ -2,9 +2,10 @@
 
 TALLRec = the LLM-Only prompt (no soft tokens, no CF model) with the LLM itself fine-tuned by LoRA on
 Stage-2's next-title loss and Stage-2's training examples (`pipelines.rows.next_title_examples`, the same
-seeded users, `stage2.examples_per_user`, negatives and candidate shuffles). Everything else is Stage-2's machinery: the LLM loaded
-into ZeRO-3 partitions, the shared DeepSpeed engine (`Stage2Module` with no projector: `stage2_loss` on
-the LLM-Only prompt), checkpoints of the trainable state only, resume after a worker failure.
+seeded users, `stage2.examples_per_user`, negatives and candidate shuffles; with `stage2.order_baselines`
+the CF model sorts the candidates). Everything else is Stage-2's machinery: the LLM loaded into ZeRO-3
+partitions, the shared DeepSpeed engine (`Stage2Module` with no projector: `stage2_loss` on the LLM-Only
+prompt), checkpoints of the trainable state only, resume after a worker failure.
 
 With LoRA the trainable weights live *inside* the partitioned LLM, so under ZeRO-3 each rank holds only
 a slice of each adapter: the export gathers them (`engine.trainable_state`) before rank 0 writes
