@@ -452,11 +452,13 @@ def _check_prompt(directory: Path, cfg: Config) -> None:
     for key in Stage2Config.LAYOUT_KEYS:
         was, now = trained.get(key, getattr(Stage2Config, key)), getattr(cfg.stage2, key)
         fix = f"stage2.{key}={was}"
-        if key == "candidate_order" and not cfg.stage2.use_user_token:
-            # a variant without the user token (its saved config's) sees the CF order only with order_baselines
-            was = was if trained.get("order_baselines", False) else "seeded"
-            now = cfg.stage2.order_for(False)
-            fix = f"stage2.order_baselines={str(was == 'cf').lower()}"
+        if key == "candidate_order":  # the order the variant is shown (Stage2Config.order_for's one rule)
+            user = cfg.stage2.use_user_token  # the variant's, as in its saved config
+            was = Stage2Config(candidate_order=was,
+                               order_baselines=trained.get("order_baselines", False)).order_for(user)
+            now = cfg.stage2.order_for(user)
+            if not user:  # without the user token the switch that decides is order_baselines
+                fix = f"stage2.order_baselines={str(was == 'cf').lower()}"
         if was != now:
             raise ValueError(f"the projector in {directory} was trained with stage2.{key}={was}, "
                              f"not {now}: set {fix}")

@@ -44,9 +44,9 @@ def candidate_order(candidates: Sequence[int | str], seed: int, user: int | None
 
     The LLM is trained on shuffled candidates (the paper), so that a candidate's place in the list says
     nothing about it; a model trained with `stage2.candidate_order=cf` re-sorts them by CF score inside
-    `LLMRecommender`, from this same order (its ties keep it). A known `user` gets
-    default_rng([seed, user, 9]): for [target, *negatives] exactly the order every model is evaluated on, and the order the service shows that user. Without a user, an
-    anonymous `history` seeds the order (default_rng([seed, 9, *history])): same request, same answer.
+    `LLMRecommender`, from this same order (its ties keep it). A known `user` gets default_rng([seed, user,
+    9]): for [target, *negatives] exactly the order every model is evaluated on, and the order the service
+    shows that user. Without a user, an anonymous `history` seeds the order (default_rng([seed, 9, *history])): same request, same answer.
     Candidates are item ids or new-item ids (str); numpy integers come back as int.
     """
     c = [int(x) if isinstance(x, np.integer) else x for x in candidates]
@@ -136,6 +136,11 @@ class LLMRecommender:
                                      item_tokens=item_vectors is not None, chat=chat_prompt,
                                      item_position=item_token_position, user_position=user_token_position)
         self._target_ids: dict[int, list[int]] = {}
+
+    @property
+    def needs_user_rep(self) -> bool:
+        """Whether examples must carry x_u: fed to the LLM (the user token) and/or sorting the list (CF order)."""
+        return self.use_user_token or self.candidate_order == "cf"
 
     @property
     def device(self) -> torch.device:

@@ -81,7 +81,7 @@ class LLMScorer:
         reps = None
         if self.rec.use_user_token and self.cross:
             reps = user_reps(self.cf, [np.zeros(0, dtype=np.int64)] * len(batch), None)
-        elif self.rec.use_user_token or self.rec.candidate_order == "cf":  # fed to the LLM, or sorts the list
+        elif self.rec.needs_user_rep:
             reps = np.zeros((len(batch), self.cf.hidden), dtype=np.float32)
             for mask, users in ((known, batch["user"].to_numpy()), (~known, None)):
                 if mask.any():

@@ -127,13 +127,14 @@ def variant_inputs(cfg: Config, variant: str, src: Path | None = None) -> dict:
     s2 = cfg.stage2
     out: dict = {"llm": model_identity(s2.llm, "llm"), "llm_dtype": s2.llm_dtype, "prompt_settings": s2.prompt(),
                  "prompt": prompt_digest(cfg, item_tokens, user), "domain": cfg.to_dict()["data"]["domain"]}
-    if s2.order_for(user) != "seeded":  # left out at the paper's order: earlier reports stay current
-        out["candidate_order"] = s2.order_for(user)
-        out["cf_weights"] = models.cf_identity()  # the CF model sorts the list (LLM-Only and TALLRec too)
+    order = s2.order_for(user)
+    if order != "seeded":  # left out at the paper's order: earlier reports stay current
+        out["candidate_order"] = order
+    if order == "cf" or variant not in ("tallrec", "llm_only"):  # the CF model feeds or sorts the prompt
+        out["cf_weights"] = models.cf_identity()
     if variant == "tallrec":
         out["tallrec"] = artifact_id(models.lora_path, models.command("tallrec"))
     elif variant != "llm_only":
-        out["cf_weights"] = models.cf_identity()
         if item_tokens in ("joint", "sbert", "random"):
             out["stage1"] = artifact_id(models.joint_emb_path, models.command("stage1"))
         out["stage2"] = artifact_id(models.projector_path(variant), models.command(

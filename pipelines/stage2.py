@@ -69,8 +69,7 @@ def train_func(config: dict) -> None:
     # arrive in any order: sort by user and draw every rank's order from the same seed, so a swap of
     # halves only swaps which rank computes which batch (same averaged gradients, reproducible runs).
     train = collect_sorted(ray.train.get_dataset_shard("train"))
-    # x_u: fed to the LLM (the user token) and/or sorting the candidates (candidate_order=cf)
-    reps = user_reps(cf, list(train["hist"]), train["user"], device) if s2.use_user_token or order == "cf" else None
+    reps = user_reps(cf, list(train["hist"]), train["user"], device) if rec.needs_user_rep else None
 
     next_title_epochs(engine, rec, train, reps, cfg, name="stage2", epochs=s2.epochs, batch_size=s2.batch_size,
                       export_prefix="projector.", weights_file=PROJECTOR, all_counts=all_counts,

@@ -79,7 +79,7 @@ def train_func(config: dict) -> None:
                          cf_items=None if cf is None else cf.item_embeddings())
     # sorted by user, every rank's order from one seed: as Stage-2, so both see the same batches
     train = collect_sorted(ray.train.get_dataset_shard("train"))
-    reps = None if cf is None else user_reps(cf, list(train["hist"]), train["user"])
+    reps = user_reps(cf, list(train["hist"]), train["user"]) if rec.needs_user_rep else None
     next_title_epochs(engine, rec, train, reps, cfg, name="tallrec", epochs=epochs, batch_size=t.batch_size,
                       export_prefix="llm.", weights_file=LORA, all_counts=all_counts,
                       fail_at_epoch=config.get("fail_at_epoch"), st_metadata={"format": "allmrec-lora"},
