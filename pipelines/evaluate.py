@@ -335,7 +335,9 @@ def settings_block(cfg: Config) -> list[str]:
             f"- Stage-1: {cfg.stage1.epochs} epochs, users "
             f"{'all' if cfg.stage1.max_users is None else cfg.stage1.max_users}",
             f"- Stage-2 budget: users {'all' if s2.max_users is None else s2.max_users}, {s2.epochs} epochs, "
-            f"examples_per_user {s2.examples_per_user}, batch {s2.batch_size}, lr {s2.lr:g}, item tokens "
+            f"examples_per_user {s2.examples_per_user}"
+            f"{' from the validation item (heldout_target)' if s2.heldout_target else ''}, "
+            f"batch {s2.batch_size}, lr {s2.lr:g}, item tokens "
             f"`{s2.item_tokens}`",
             f"- Prompt layout: {layout}, history_len={s2.history_len}, max_title_tokens={s2.max_title_tokens}, "
             f"use_user_token={s2.use_user_token}",

@@ -115,18 +115,18 @@ def next_title_epochs(engine, rec, train: dict, reps, cfg: Config, *, name: str,
     tracker.end()
 
 
-def next_title_datasets(ray, cfg: Config, prep: Prepared, data_dir: Path, max_users: int | None,
-                        examples_per_user: int = 1):
-    """(train, items) Ray datasets of the next-title jobs (Stage-2 and TALLRec): `examples_per_user`
-    examples per training user (`pipelines.rows.next_title_examples`; the seeded subset of users when
-    `max_users` or `cfg.fewshot` is set) and the item titles."""
+def next_title_datasets(ray, cfg: Config, prep: Prepared, data_dir: Path, max_users: int | None):
+    """(train, items) Ray datasets of the next-title jobs (Stage-2 and TALLRec): `stage2.examples_per_user`
+    examples per training user, from the validation item back with `stage2.heldout_target`
+    (`pipelines.rows.next_title_examples`; the seeded subset of users when `max_users` or `cfg.fewshot` is
+    set) and the item titles."""
     seq_ds = ray.data.read_parquet(str(data_dir / schema.SEQUENCES))
     keep = training_users(cfg, prep, max_users)
     if keep is not None:
         seq_ds = seq_ds.filter(lambda r: r["user"] in keep)
     train_ds = seq_ds.map_batches(next_title_examples, batch_format="pyarrow", fn_kwargs={
         "n_items": prep.n_items, "n_negatives": cfg.data.n_negatives, "seed": cfg.train_seed(),
-        "examples_per_user": examples_per_user})
+        "examples_per_user": cfg.stage2.examples_per_user, "heldout_target": cfg.stage2.heldout_target})
     return train_ds, ray.data.read_parquet(str(data_dir / schema.ITEMS), columns=["item", "title"])
 
 

@@ -52,7 +52,7 @@ def stage1_examples(block: pa.Table, all_items: bool, max_len: int) -> dict:
 
 
 def next_title_examples(block: pa.Table, n_items: int, n_negatives: int, seed: int,
-                        examples_per_user: int = 1) -> dict:
+                        examples_per_user: int = 1, heldout_target: bool = False) -> dict:
     """Next-title examples from the training part of each sequence, 19 seeded negatives each.
 
     The first example of a user is the paper's: history -> the last training item. `examples_per_user`
@@ -60,12 +60,17 @@ def next_title_examples(block: pa.Table, n_items: int, n_negatives: int, seed: i
     drawn without replacement from positions 1 .. len - 2 of the training part, each with the items before
     it as history and its own negatives and candidate order. Every draw is seeded by (seed, user), so the
     first example is the same for every k and the set is the same in every run and epoch. A user with
-    fewer earlier positions than k - 1 gives what it has. Rows come out grouped by user, targets in order."""
+    fewer earlier positions than k - 1 gives what it has. Rows come out grouped by user, targets in order.
+
+    `heldout_target` (`stage2.heldout_target`, a departure): the part is the training items plus the
+    validation item, so the first example is history = the whole training part -> the validation item, a
+    target the CF model never trained on; earlier ones may then include the last training item. The test
+    item is never a target. The draws are those of the default (the same seeds, one position later)."""
     if examples_per_user < 1:
         raise ValueError(f"examples_per_user must be >= 1, got {examples_per_user}")
     users, hists, cands, targets = [], [], [], []
     for u, s in zip(block["user"].to_pylist(), block["seq"].to_pylist()):
-        train = s[:-2]
+        train = s[:-1] if heldout_target else s[:-2]  # the part the examples come from (never the test item)
         if len(train) < 2:
             continue
         rng = np.random.default_rng([seed, int(u), STREAM_STAGE2])

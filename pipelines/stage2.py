@@ -86,7 +86,7 @@ def _fingerprinted(cfg: Config) -> dict:
     s2["candidate_order"] = cfg.stage2.order_for(cfg.stage2.use_user_token)
     s2.pop("order_baselines", None)
     for key in ("choice_weight", "candidate_softmax", "examples_per_user", "seed", "bucket_window",
-                *Stage2Config.LAYOUT_KEYS):
+                "heldout_target", *Stage2Config.LAYOUT_KEYS):
         if s2[key] == getattr(Stage2Config, key):
             del s2[key]
     return s2
@@ -159,7 +159,7 @@ def stage2(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
     t0 = time.perf_counter()
     prep = Prepared(rf.data)
     vectors = rf.item_vectors(cf_from_files(cf_files))
-    train_ds, items_ds = next_title_datasets(ray, cfg, prep, rf.data, s2.max_users, s2.examples_per_user)
+    train_ds, items_ds = next_title_datasets(ray, cfg, prep, rf.data, s2.max_users)
     trainer = make_trainer(
         cfg, f"stage2-{fp}", train_func,
         {"cfg": cfg.to_dict(), "cf_files": cf_files, "item_vectors": vectors, "fail_at_epoch": fail_at_epoch,

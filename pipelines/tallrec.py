@@ -108,6 +108,7 @@ def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
                       **({"candidate_order": order, "cf_weights": files_sha256(cf_files)} if cf_files else {}),
                       # left out at the paper's 1 example per user: adapters trained before stay up to date
                       **({"examples_per_user": s2.examples_per_user} if s2.examples_per_user != 1 else {}),
+                      **({"heldout_target": True} if s2.heldout_target else {}),
                       **({"fewshot": cfg.fewshot} if cfg.fewshot else {})})
     if up_to_date("tallrec", out_dir, fp, force):
         return out_dir
@@ -117,7 +118,7 @@ def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
     t0 = time.perf_counter()
     prep = Prepared(data_dir)
     # the same seeded users and examples as Stage-2 with the same max_users (and examples_per_user)
-    train_ds, items_ds = next_title_datasets(ray, cfg, prep, data_dir, max_users, s2.examples_per_user)
+    train_ds, items_ds = next_title_datasets(ray, cfg, prep, data_dir, max_users)
     trainer = make_trainer(
         cfg, f"tallrec-{fp}", train_func,
         {"cfg": cfg.to_dict(), "fail_at_epoch": fail_at_epoch, "ds_overrides": ds_overrides, "cf_files": cf_files},
@@ -129,7 +130,8 @@ def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
         "fingerprint": fp, "job": "tallrec", "llm": s2.llm, "zero_stage": t.zero_stage, "workers": t.num_workers,
         "lora": {"r": t.lora_r, "alpha": t.lora_alpha, "dropout": t.lora_dropout,
                  "target_modules": t.target_modules or "auto"},
-        "epochs": epochs, "max_users": max_users, "examples_per_user": s2.examples_per_user, "candidate_order": order,
+        "epochs": epochs, "max_users": max_users, "examples_per_user": s2.examples_per_user,
+        "heldout_target": s2.heldout_target, "candidate_order": order,
         **({"cf_weights": {"model": cfg.cf.model, "sha256": files_sha256(cf_files)}} if cf_files else {})})
     return out_dir
 

@@ -51,6 +51,35 @@ def test_several_examples_per_user_add_earlier_targets_and_keep_the_first():
         next_title_examples(block, 200, 19, seed=7, examples_per_user=0)
 
 
+def test_heldout_target_trains_on_the_validation_item_never_the_test_item():
+    block = _block()
+    seqs = dict(zip(block["user"].to_pylist(), block["seq"].to_pylist()))
+    paper = {r[0]: r for r in _rows(next_title_examples(block, 200, 19, seed=7))}
+    held = _rows(next_title_examples(block, 200, 19, seed=7, heldout_target=True))
+    assert {r[0] for r in held} == {u for u, s in seqs.items() if len(s) - 1 >= 2}  # one more user each can
+    for u, h, c, t in held:
+        s = seqs[u]
+        assert t == s[-2] and list(h) == s[:-2]  # the whole training part -> the validation item
+        assert t in c and len(set(c)) == 20 and not (set(c) - {t}) & set(s)
+        if u in paper:
+            assert t != paper[u][3] and list(h) != list(paper[u][1])  # another example than the paper's
+    k3 = _rows(next_title_examples(block, 200, 19, seed=7, examples_per_user=3, heldout_target=True))
+    for u in {r[0] for r in k3}:
+        mine = [r for r in k3 if r[0] == u]
+        part = seqs[u][:-1]
+        assert mine[-1][3] == seqs[u][-2] and all(r[3] != seqs[u][-1] for r in mine)  # never the test item
+        pos = [part.index(r[3]) for r in mine]
+        assert pos == sorted(set(pos)) and pos[0] >= 1 and all(list(r[1]) == part[:p] for r, p in zip(mine, pos))
+
+
+def test_heldout_target_is_its_own_projector_and_leaves_old_fingerprints():
+    from allmrec.config import load_config
+    from pipelines.stage2 import _fingerprinted
+
+    assert "heldout_target" not in _fingerprinted(load_config(None, []))
+    assert _fingerprinted(load_config(None, ["stage2.heldout_target=true"]))["heldout_target"] is True
+
+
 def test_the_training_seed_varies_stage2_and_keeps_the_run_seed_and_old_fingerprints():
     from allmrec.config import ConfigError, load_config
     from pipelines.stage2 import _fingerprinted
