@@ -248,6 +248,10 @@ class TextEncoder(nn.Module):
         self.trainable_layers = trainable_layers
         # split = index of the first trainable layer; everything below it is frozen and cacheable
         self.split = 0 if n_layers is None else n_layers - trainable_layers
+        # MPNet's layers take a relative position bias its encoder computes once per forward from the
+        # sequence length (encoder.compute_position_bias): the split path must pass it to every layer too
+        object.__setattr__(self, "_position_bias",
+                           getattr(getattr(self.backbone, "encoder", None), "compute_position_bias", None))
         self.cache_dtype = cache_dtype
 
         for name, p in self.backbone.named_parameters():
@@ -291,8 +295,9 @@ class TextEncoder(nn.Module):
 
     def _run_layers(self, h: torch.Tensor, attention_mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         mask = self._mask(h, attention_mask)
+        extra = () if self._position_bias is None else (self._position_bias(h),)
         for layer in self.layers[lo:hi]:
-            out = layer(h, mask)
+            out = layer(h, mask, *extra)
             h = out[0] if isinstance(out, tuple) else out
         return h
 
@@ -328,7 +333,7 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def _self_check(self) -> None:
         """The split path calls layers directly: verify it matches the model's own forward, so an
-        architecture whose layers need extra inputs (e.g. MPNet's position bias) fails loudly."""
+        architecture whose layers need other extra inputs than MPNet's position bias fails loudly."""
         was = self.training
         self.eval()
         enc = self.tokenizer(["a short check", "another sentence that is a little longer"],

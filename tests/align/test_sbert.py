@@ -188,6 +188,42 @@ def test_half_precision_cache_is_close(st):
     assert torch.allclose(enc.eval().encode_items(ids).detach(), full, atol=5e-3)
 
 
+def _tiny_mpnet(folder, st):
+    """A random 2-layer MPNet (relative position bias in its encoder) behind MiniLM's tokenizer, as a
+    SentenceTransformer: mean pooling, normalized, like all-mpnet-base-v2."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import MPNetConfig, MPNetModel
+
+    tok = st[0].tokenizer
+    torch.manual_seed(0)
+    MPNetModel(MPNetConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=96, pad_token_id=tok.pad_token_id),
+               add_pooling_layer=False).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    body = models.Transformer(str(folder), max_seq_length=64)
+    return SentenceTransformer(modules=[body, models.Pooling(32, "mean"), models.Normalize()], device="cpu")
+
+
+def test_mpnet_top_layers_fine_tune_with_its_position_bias(st, tmp_path):
+    """MPNet's layers take a position bias its encoder computes: the split path passes it, so the top-N
+    cache equals the model's own forward (before, trainable_layers >= 0 refused MPNet) and only the top
+    layer trains."""
+    mp = _tiny_mpnet(tmp_path / "mpnet", st)
+    ids = torch.tensor([5, 1, 3, 1, 2, 4])
+    ref = torch.from_numpy(encode_texts(mp, [TEXTS[i] for i in ids.tolist()], batch_size=3))
+    enc = make(mp, 1)  # the constructor's self-check compares the split path with the model's forward
+    enc.precompute_lower(batch_size=2)
+    assert torch.allclose(enc.eval().encode_items(ids).detach(), ref, atol=1e-5)
+    before = {k: v.clone() for k, v in enc.backbone.state_dict().items()}
+    opt = torch.optim.Adam([q for q in enc.parameters() if q.requires_grad], lr=1e-2)
+    enc.train()
+    loss = (enc.encode_items(ids) * torch.randn(len(ids), 32, generator=torch.Generator().manual_seed(1))).sum()
+    loss.backward()
+    opt.step()
+    changed = {k for k, v in enc.backbone.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith("encoder.layer.1.") for k in changed)
+
+
 def test_packaged_mpnet_without_its_parts_names_the_installer(tmp_path, monkeypatch):
     import allmrec.llm.loading as loading
 
@@ -221,5 +257,9 @@ def test_packaged_mpnet_is_the_papers_768d_sbert():
     enc.pretokenize(TEXTS, max_len=64)
     ref = encode_texts(st, TEXTS, 3)
     assert np.allclose(enc.encode_all(batch_size=3), ref, atol=1e-5)
+    top = TextEncoder(st, trainable_layers=1)  # the main job's Stage-1 setting (its self-check passes)
+    top.pretokenize(TEXTS, max_len=64)
+    top.precompute_lower(batch_size=3)
+    assert np.allclose(top.encode_all(batch_size=3), ref, atol=1e-5)
     a, b, c = encode_texts(st, ["The Matrix (1999)", "The Matrix Reloaded (2003)", "Toy Story (1995)"])
     assert a @ b > a @ c  # a sequel is nearer than an unrelated film
