@@ -229,13 +229,14 @@ def test_candidates_share_one_prompt_cache(tiny):
 
 @pytest.mark.slow
 def test_packaged_llm_scores_do_not_depend_on_the_batch():
-    """The packaged SmolLM2-135M in bf16 (the served model's precision on this CPU): one example alone and
+    """The packaged SmolLM2-135M in the served model's precision on this CPU (`llm_dtype=auto`: bf16 with
+    AMX / AVX512-BF16, else fp32; emulated bf16 took 39 s here on a CPU without them): one example alone and
     among 7 others, 20 candidates each, same top-10 and scores within 1e-4 (the batched path of before
-    differed by 0.07 here)."""
-    from allmrec.llm.loading import load_llm
+    differed by 0.07 in bf16)."""
+    from allmrec.llm.loading import load_llm, resolve_dtype
     from allmrec.recommender import Example, LLMRecommender
 
-    llm, tok = load_llm("packaged:SmolLM2-135M-Instruct", dtype=torch.bfloat16)
+    llm, tok = load_llm("packaged:SmolLM2-135M-Instruct", dtype=resolve_dtype("auto", "cpu"))
     rng = np.random.default_rng(0)
     words = "star night river dark king lost city love war blue house road fire dream ghost summer".split()
     titles = ["", *(" ".join(rng.choice(words, size=int(rng.integers(2, 6)))).title() + f" ({1950 + i % 50})"
