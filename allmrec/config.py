@@ -286,6 +286,11 @@ class Stage2Config:
         seeded order (LLM-Only and TALLRec see no CF input), or the CF order too with `order_baselines`."""
         return self.candidate_order if use_user_token or self.order_baselines else "seeded"
 
+    def changed(self, keys) -> dict:
+        """Those of `keys` set away from their defaults: settings added after artifacts were trained enter
+        fingerprints only when set, so artifacts trained before they existed stay up to date."""
+        return {k: getattr(self, k) for k in keys if getattr(self, k) != getattr(Stage2Config, k)}
+
     def prompt(self) -> dict:
         """LLMRecommender's prompt keyword arguments."""
         return {k: getattr(self, k) for k in self.PROMPT_KEYS}

@@ -46,7 +46,8 @@ def candidate_order(candidates: Sequence[int | str], seed: int, user: int | None
     nothing about it; a model trained with `stage2.candidate_order=cf` re-sorts them by CF score inside
     `LLMRecommender`, from this same order (its ties keep it). A known `user` gets default_rng([seed, user,
     9]): for [target, *negatives] exactly the order every model is evaluated on, and the order the service
-    shows that user. Without a user, an anonymous `history` seeds the order (default_rng([seed, 9, *history])): same request, same answer.
+    shows that user. Without a user, an anonymous `history` seeds the order (default_rng([seed, 9,
+    *history])): same request, same answer.
     Candidates are item ids or new-item ids (str); numpy integers come back as int.
     """
     c = [int(x) if isinstance(x, np.integer) else x for x in candidates]

@@ -70,27 +70,27 @@ def next_title_examples(block: pa.Table, n_items: int, n_negatives: int, seed: i
         raise ValueError(f"examples_per_user must be >= 1, got {examples_per_user}")
     users, hists, cands, targets = [], [], [], []
     for u, s in zip(block["user"].to_pylist(), block["seq"].to_pylist()):
-        train = s[:-1] if heldout_target else s[:-2]  # the part the examples come from (never the test item)
-        if len(train) < 2:
+        part = s[:-1] if heldout_target else s[:-2]  # where the examples come from (never the test item)
+        if len(part) < 2:
             continue
         rng = np.random.default_rng([seed, int(u), STREAM_STAGE2])
-        picks = [len(train) - 1]
-        if examples_per_user > 1 and len(train) > 2:
+        picks = [len(part) - 1]
+        if examples_per_user > 1 and len(part) > 2:
             more = np.random.default_rng([seed, int(u), STREAM_STAGE2, 1])  # k > 1 leaves `rng` as for k = 1
-            earlier = more.choice(np.arange(1, len(train) - 1), min(examples_per_user - 1, len(train) - 2),
+            earlier = more.choice(np.arange(1, len(part) - 1), min(examples_per_user - 1, len(part) - 2),
                                   replace=False)
             picks = sorted(int(t) for t in earlier) + picks
         else:
             more = rng
         for t in picks:
-            r = rng if t == len(train) - 1 else more
+            r = rng if t == len(part) - 1 else more
             neg = sample_negatives(r, n_items, np.asarray(s), n_negatives)  # never any item of the sequence
-            c = [train[t], *neg.tolist()]
+            c = [part[t], *neg.tolist()]
             r.shuffle(c)
             users.append(u)
-            hists.append(np.asarray(train[:t], dtype=np.int64))
+            hists.append(np.asarray(part[:t], dtype=np.int64))
             cands.append(c)
-            targets.append(train[t])
+            targets.append(part[t])
     return {"user": np.asarray(users, dtype=np.int64), "hist": np.array(hists + [None], dtype=object)[:-1],
             "cands": np.asarray(cands, dtype=np.int64).reshape(len(users), n_negatives + 1),
             "target": np.asarray(targets, dtype=np.int64)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -80,16 +81,13 @@ def train_func(config: dict) -> None:
 def _fingerprinted(cfg: Config) -> dict:
     """The Stage-2 settings a trained projector depends on (not where it ran). Settings added later are
     left out at their default, so projectors trained before they existed stay up to date."""
-    s2 = cfg.to_dict()["stage2"] | {"num_workers": None, "use_gpu": None}
-    s2.pop("compile", None)  # how fast, not what is trained
-    # the order this variant is trained on (order_baselines matters only without the user token)
-    s2["candidate_order"] = cfg.stage2.order_for(cfg.stage2.use_user_token)
-    s2.pop("order_baselines", None)
-    for key in ("choice_weight", "candidate_softmax", "examples_per_user", "seed", "bucket_window",
-                "heldout_target", *Stage2Config.LAYOUT_KEYS):
-        if s2[key] == getattr(Stage2Config, key):
-            del s2[key]
-    return s2
+    late = ("choice_weight", "candidate_softmax", "examples_per_user", "seed", "bucket_window", "heldout_target",
+            *Stage2Config.LAYOUT_KEYS)
+    # compile: how fast, not what is trained; order_baselines: folded into the order this variant is trained on
+    skip = {*late, "compile", "order_baselines"}
+    s2 = {k: v for k, v in cfg.to_dict()["stage2"].items() if k not in skip} | {"num_workers": None, "use_gpu": None}
+    trained = replace(cfg.stage2, candidate_order=cfg.stage2.order_for(cfg.stage2.use_user_token))
+    return s2 | trained.changed(late)
 
 
 def _continued_checkpoint(cfg: Config, out_dir: Path, fp_with_epochs) -> tuple[str, dict]:

@@ -106,9 +106,7 @@ def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
                       "prompt": prompt_digest(cfg, "none", False),  # the LLM-Only prompt's text
                       **({"chat_prompt": True} if s2.chat_prompt else {}),
                       **({"candidate_order": order, "cf_weights": files_sha256(cf_files)} if cf_files else {}),
-                      # left out at the paper's 1 example per user: adapters trained before stay up to date
-                      **({"examples_per_user": s2.examples_per_user} if s2.examples_per_user != 1 else {}),
-                      **({"heldout_target": True} if s2.heldout_target else {}),
+                      **s2.changed(("examples_per_user", "heldout_target")),  # Stage-2's examples, when set
                       **({"fewshot": cfg.fewshot} if cfg.fewshot else {})})
     if up_to_date("tallrec", out_dir, fp, force):
         return out_dir
@@ -117,7 +115,7 @@ def tallrec(cfg: Config, force: bool = False, fail_at_epoch: int | None = None,
     resolve_llm_source(s2.llm)  # convert/cache the packaged model once, before the workers start
     t0 = time.perf_counter()
     prep = Prepared(data_dir)
-    # the same seeded users and examples as Stage-2 with the same max_users (and examples_per_user)
+    # the same seeded users and examples as Stage-2 with the same max_users (examples_per_user, heldout_target)
     train_ds, items_ds = next_title_datasets(ray, cfg, prep, data_dir, max_users)
     trainer = make_trainer(
         cfg, f"tallrec-{fp}", train_func,

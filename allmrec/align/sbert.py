@@ -250,8 +250,7 @@ class TextEncoder(nn.Module):
         self.split = 0 if n_layers is None else n_layers - trainable_layers
         # MPNet's layers take a relative position bias its encoder computes once per forward from the
         # sequence length (encoder.compute_position_bias): the split path must pass it to every layer too
-        object.__setattr__(self, "_position_bias",
-                           getattr(getattr(self.backbone, "encoder", None), "compute_position_bias", None))
+        self._position_bias = getattr(getattr(self.backbone, "encoder", None), "compute_position_bias", None)
         self.cache_dtype = cache_dtype
 
         for name, p in self.backbone.named_parameters():
